@@ -1,0 +1,52 @@
+"Shared helpers: a deterministic multi-tensor model and a loop that steps an optimizer on it."
+import io
+import warnings
+import pytest
+import torch
+
+warnings.filterwarnings('ignore', message='.*is_paged.*')
+
+
+def make_params(seed=0, shapes=((64, 32), (32,), (5000,), (4097,), (10, 64), (10,)), dtype=torch.float32):
+    "Leaf tensors of varied sizes: some below bitsandbytes' 4096-element 8-bit threshold, one a partial block"
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+
+
+def set_grads(params, step, seed=1):
+    "A gradient that depends on the parameter (pull toward 0.5) plus fixed per-step noise"
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    for p in params:
+        noise = torch.randn(p.shape, generator=g).to(p.dtype)
+        p.grad = (p.detach() - 0.5) * 0.1 + noise
+
+
+def run(opt, params, steps, start=0):
+    "Step `opt` for `steps` steps with the gradients of `set_grads`"
+    for i in range(start, start + steps):
+        set_grads(params, i)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def two_groups(params):
+    "fastai param lists: two groups"
+    return [params[:3], params[3:]]
+
+
+def roundtrip(obj):
+    "Save with torch.save and reload with weights_only=True, as fastai's Learner.load does"
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def assert_close_lists(a, b, atol, rtol=0.):
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,216 @@
+"Lion against reference implementations, across paths, and through checkpoints."
+import pytest
+import torch
+import bitsandbytes.optim as bnb_optim
+import lion_pytorch
+from fastxtend_optim.lion import Lion
+from conftest import make_params, set_grads, run, two_groups, roundtrip, assert_close_lists
+
+LRS = (1e-3, 3e-3)
+PATH_KWARGS = {'native': dict(foreach=False), 'foreach': dict(foreach=True), 'eightbit': dict(eightbit=True)}
+
+
+def fx_lion(params, path, wd=0.1, no_wd=(1, 5), **kwargs):
+    "Lion over two param groups with different lrs; `no_wd` indexes get fastai's do_wd=False"
+    opt = Lion(two_groups(params), lr=LRS[1], wd=wd, **PATH_KWARGS[path], **kwargs)
+    opt.set_hyper('lr', list(LRS))
+    for i in no_wd: opt.state[params[i]]['do_wd'] = False
+    return opt
+
+
+def torch_groups(params, wd, no_wd=(1, 5), wd_key='weight_decay'):
+    "The same grouping as `fx_lion`, as torch.optim param groups"
+    groups = []
+    for lr, idx in zip(LRS, (range(0, 3), range(3, 6))):
+        for decay in (True, False):
+            ps = [params[i] for i in idx if (i not in no_wd) == decay]
+            if ps: groups.append({'params': ps, 'lr': lr, wd_key: wd if decay else 0.})
+    return groups
+
+
+def test_native_and_foreach_agree_over_100_steps():
+    a, b = make_params(), make_params()
+    ra, rb = run(fx_lion(a, 'native'), a, 100), run(fx_lion(b, 'foreach'), b, 100)
+    assert_close_lists(ra, rb, atol=1e-6)
+    # do_wd=False really skipped decay: with zero gradients only decayed tensors move
+    for p in a + b: p.grad = torch.zeros_like(p)
+    before = [p.detach().clone() for p in a]
+    fx_lion(a, 'native').step()
+    assert torch.equal(a[1], before[1]) and torch.equal(a[5], before[5])
+    assert not torch.equal(a[0], before[0])
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach'])
+def test_matches_lion_pytorch_over_100_steps(path):
+    ours, ref = make_params(), make_params()
+    got = run(fx_lion(ours, path), ours, 100)
+    expected = run(lion_pytorch.Lion(torch_groups(ref, 0.1), lr=1e-3, betas=(0.9, 0.99)), ref, 100)
+    assert_close_lists(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize('optim_bits,bnb_cls', [(8, bnb_optim.Lion8bit), (32, bnb_optim.Lion32bit)])
+def test_eightbit_matches_bitsandbytes(optim_bits, bnb_cls):
+    ours, ref = make_params(), make_params()
+    opt = fx_lion(ours, 'eightbit', optim_bits=optim_bits)
+    got = run(opt, ours, 20)
+    expected = run(bnb_cls(torch_groups(ref, 0.1), lr=1e-3, betas=(0.9, 0.99)), ref, 20)
+    assert_close_lists(got, expected, atol=0.)
+    dtypes = [opt.state[p]['state1'].dtype for p in ours]
+    big = torch.uint8 if optim_bits == 8 else torch.float32
+    assert dtypes == [torch.float32 if p.numel() < 4096 else big for p in ours]
+    if optim_bits == 8:
+        assert opt.state[ours[3]]['absmax1'].shape == (17,)  # 4097 elements: 16 full blocks and a partial one
+
+
+def test_eightbit_stays_near_native():
+    "8-bit momentum is quantized, so the paths part ways slowly; bounded by the number of differing signs"
+    a, b = make_params(), make_params()
+    ra, rb = run(fx_lion(a, 'native'), a, 20), run(fx_lion(b, 'eightbit'), b, 20)
+    for x, y in zip(ra, rb):
+        # every step moves a weight by at most 2*lr when the signs differ: 20 steps * 2 * 3e-3
+        assert (x - y).abs().max() <= 20 * 2 * 3e-3 + 1e-6
+        assert (x - y).abs().mean() < 2e-3
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach', 'eightbit'])
+def test_checkpoint_resume_is_exact(path):
+    a, b = make_params(), make_params()
+    uninterrupted = run(fx_lion(a, path), a, 30)
+    first = fx_lion(b, path)
+    run(first, b, 15)
+    saved = roundtrip({'params': [p.detach() for p in b], 'opt': first.state_dict()})
+    c = [p.clone().requires_grad_() for p in saved['params']]
+    second = fx_lion(c, path, no_wd=())
+    second.load_state_dict(saved['opt'])
+    assert second.state[c[1]]['do_wd'] is False and second.hypers[0]['lr'] == LRS[0]
+    assert_close_lists(run(second, c, 15, start=15), uninterrupted, atol=0.)
+
+
+def test_checkpoint_moves_between_native_and_foreach():
+    a, b = make_params(), make_params()
+    uninterrupted = run(fx_lion(a, 'native'), a, 20)
+    first = fx_lion(b, 'foreach')
+    run(first, b, 10)
+    second = fx_lion(b, 'native', no_wd=())
+    second.load_state_dict(roundtrip(first.state_dict()))
+    assert_close_lists(run(second, b, 10, start=10), uninterrupted, atol=1e-6)
+
+
+def test_eightbit_checkpoint_refused_on_native_path():
+    a = make_params()
+    eight = fx_lion(a, 'eightbit')
+    run(eight, a, 2)
+    native = fx_lion(a, 'native')
+    hypers = [dict(h) for h in native.hypers]
+    with pytest.raises(ValueError, match='cannot use the saved state'):
+        native.load_state_dict(eight.state_dict())
+    assert [dict(h) for h in native.hypers] == hypers
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach', 'eightbit'])
+def test_percentile_clipping_same_on_every_path(path):
+    "Clipping happens before the path's math, so each path equals itself fed pre-clipped gradients"
+    a = make_params()
+    opt = fx_lion(a, path, percentile_clipping=50)
+    clipped = make_params()
+    ref = fx_lion(clipped, path)
+    history = [[] for _ in a]
+    for step in range(12):
+        set_grads(a, step)
+        set_grads(clipped, step)
+        for i, p in enumerate(clipped):
+            norm = p.grad.norm()
+            history[i].append(norm)
+            seen = torch.stack(history[i])
+            limit = seen.sort().values[max(0, -(-len(seen) // 2) - 1)]  # nearest-rank 50th percentile
+            if norm > limit: p.grad = p.grad * (limit / norm)
+        opt.step()
+        ref.step()
+    assert_close_lists([p.detach() for p in a], [p.detach() for p in clipped], atol=1e-6)
+    assert opt.state[a[0]]['gnorm_count'] == 12
+
+
+def test_percentile_clipping_native_equals_foreach():
+    a, b = make_params(), make_params()
+    ra = run(fx_lion(a, 'native', percentile_clipping=10), a, 30)
+    rb = run(fx_lion(b, 'foreach', percentile_clipping=10), b, 30)
+    assert_close_lists(ra, rb, atol=1e-6)
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach', 'eightbit'])
+def test_none_grads_skipped_and_grads_untouched(path):
+    a = make_params()
+    opt = fx_lion(a, path, percentile_clipping=50)
+    set_grads(a, 0)
+    a[2].grad = None
+    grads = [p.grad.clone() if p.grad is not None else None for p in a]
+    before = a[2].detach().clone()
+    opt.step()
+    assert torch.equal(a[2], before) and a[2] not in opt.state or not opt.state[a[2]]
+    for p, g in zip(a, grads):
+        if g is not None: assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach', 'eightbit'])
+def test_set_hyper_reaches_every_path(path):
+    "lr set mid-run is the lr the step uses: with zero momentum and wd=0 each weight moves by exactly lr"
+    a = [torch.zeros(5000, requires_grad=True), torch.zeros(8, requires_grad=True)]
+    opt = Lion(a, lr=1e-3, wd=0., **PATH_KWARGS[path])
+    opt.set_hyper('lr', 0.25)
+    for p in a: p.grad = torch.ones_like(p)
+    opt.step()
+    for p in a: torch.testing.assert_close(p.detach(), torch.full_like(p, -0.25))
+    with pytest.raises(ValueError, match='`beta1`'):
+        opt.set_hyper('beta1', 1.5)
+    assert opt.hypers[0]['beta1'] == 0.9
+
+
+NAN, INF = float('nan'), float('inf')
+
+
+def two_bad_steps(numel=4, **kwargs):
+    "Two steps whose gradient is NaN at 0, +Inf at 1 and +-1 elsewhere; the weights and the state after each"
+    w = torch.zeros(numel, requires_grad=True)
+    opt = Lion([w], lr=0.1, wd=0., **kwargs)
+    out = []
+    for _ in range(2):
+        g = torch.ones(numel)
+        g[0], g[1], g[3] = NAN, INF, -1.
+        w.grad = g
+        opt.step()
+        out.append((w.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[w].items()}))
+    return out
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach'])
+def test_nonfinite_gradients(path):
+    "As measured on the CPU (torch.sign(nan) is 0 there): see the table in the Lion notebook"
+    (w1, s1), (w2, s2) = two_bad_steps(**PATH_KWARGS[path])
+    m1, m2 = s1['grad_avg'], s2['grad_avg']
+    assert w1[0] == 0 and w2[0] == 0 and m1[0].isnan() and m2[0].isnan()    # NaN: frozen weight, NaN momentum
+    assert w1[1] == -0.1 and m1[1] == INF and w2[1] == -0.1 and m2[1].isnan()  # Inf: one step, then frozen
+    torch.testing.assert_close(w2[2:], torch.tensor([-0.2, 0.2]))           # other elements unaffected
+
+
+def test_nonfinite_gradients_eightbit():
+    "bitsandbytes' kernels, as measured on the CPU: fp32 state keeps Inf; an Inf poisons a quantized block's absmax"
+    (w1, s1), (w2, s2) = two_bad_steps(eightbit=True)
+    assert w2[0] == 0 and s2['state1'][0].isnan()
+    assert w2[1] == -0.2 and s2['state1'][1] == INF
+    torch.testing.assert_close(w2[2:], torch.tensor([-0.2, 0.2]))
+    (w1, s1), (w2, s2) = two_bad_steps(numel=4096, eightbit=True)
+    assert w2[0] == 0 and w2[1] == -0.1
+    assert s2['absmax1'][0] == INF and s2['absmax1'][1:].isfinite().all()
+    torch.testing.assert_close(w2[256:], torch.full((4096 - 256,), -0.2))  # other blocks unaffected
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach', 'eightbit'])
+def test_bf16_steps(path):
+    "bf16 parameters step on every path and agree with an fp32 run to bf16 resolution"
+    lo, hi = make_params(dtype=torch.bfloat16), make_params()
+    for p, q in zip(lo, hi): q.data = p.data.float()
+    rl, rh = run(fx_lion(lo, path), lo, 3), run(fx_lion(hi, path), hi, 3)
+    for x, y in zip(rl, rh):
+        assert x.dtype == torch.bfloat16
+        # 3 steps of at most 3e-3 each, plus bf16 rounding of values up to ~5 (2**-8 relative)
+        torch.testing.assert_close(x.float(), y, atol=0.05, rtol=2**-7)
