@@ -3,6 +3,7 @@ import pytest
 import torch
 import bitsandbytes.optim as bnb_optim
 import lion_pytorch
+from fastxtend_optim import core
 from fastxtend_optim.lion import Lion
 from conftest import make_params, set_grads, run, two_groups, roundtrip, assert_close_lists
 
@@ -38,6 +39,14 @@ def test_native_and_foreach_agree_over_100_steps():
     fx_lion(a, 'native').step()
     assert torch.equal(a[1], before[1]) and torch.equal(a[5], before[5])
     assert not torch.equal(a[0], before[0])
+
+
+def test_foreach_chunks_change_nothing(monkeypatch):
+    "Chunk boundaries inside a group (1000 elements: most tensors alone, two small ones together) give the same result"
+    monkeypatch.setattr(core, 'FOREACH_CPU_CHUNK', 1000)
+    assert core.foreach_chunks(make_params()[3:]) == [[0], [1, 2]]
+    a, b = make_params(), make_params()
+    assert_close_lists(run(fx_lion(a, 'native'), a, 30), run(fx_lion(b, 'foreach'), b, 30), atol=1e-6)
 
 
 @pytest.mark.parametrize('path', ['native', 'foreach'])
