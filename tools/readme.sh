@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Write README.md from nbs/index.ipynb (nbdev-readme needs Quarto, which is not installable offline).
+# With --check, fail instead when README.md differs from what the notebook gives.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=$(mktemp -d)
+jupyter nbconvert --log-level=ERROR --to markdown nbs/index.ipynb --output-dir "$out" --output README
+# drop nbdev's directive lines (#| ...) that nbconvert keeps in code blocks
+grep -v '^#| ' "$out/README.md" | cat -s > "$out/README.clean.md"
+if [ "${1:-}" = --check ]; then
+  diff -u README.md "$out/README.clean.md" || { echo "README.md is out of date: run bash tools/readme.sh"; exit 1; }
+else
+  cp "$out/README.clean.md" README.md
+fi
+rm -r "$out"
