@@ -7,7 +7,10 @@ Docs: https://fastxtend.github.io/fastxtend_optim/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/90_all.ipynb #c17d659a
+# %% ../nbs/90_all.ipynb #27f9c9a3
 from .core import *
 from .eightbit import *
 from .lion import *
+from . import core, eightbit, lion as _lion
+
+__all__ = [*core.__all__, *eightbit.__all__, *_lion.__all__]  # nbdev's own `__all__` here would be empty
