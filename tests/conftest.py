@@ -1,10 +1,9 @@
 "Shared helpers: a deterministic multi-tensor model and a loop that steps an optimizer on it."
 import io
-import warnings
 import pytest
 import torch
 
-warnings.filterwarnings('ignore', message='.*is_paged.*')
+
 
 
 def make_params(seed=0, shapes=((64, 32), (32,), (5000,), (4097,), (10, 64), (10,)), dtype=torch.float32):

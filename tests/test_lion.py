@@ -223,3 +223,19 @@ def test_bf16_steps(path):
         assert x.dtype == torch.bfloat16
         # 3 steps of at most 3e-3 each, plus bf16 rounding of values up to ~5 (2**-8 relative)
         torch.testing.assert_close(x.float(), y, atol=0.05, rtol=2**-7)
+
+
+def test_checkpoint_of_another_model_refused():
+    a = make_params()
+    opt = fx_lion(a, 'foreach')
+    run(opt, a, 1)
+    other = Lion(make_params()[:4], lr=1e-3)
+    with pytest.raises(ValueError, match='param groups'):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_paged_falls_back_on_cpu_with_a_warning():
+    a, b = make_params(), make_params()
+    with pytest.warns(UserWarning, match='is_paged=True. needs CUDA'):
+        paged = run(fx_lion(a, 'eightbit', is_paged=True), a, 5)
+    assert_close_lists(paged, run(fx_lion(b, 'eightbit'), b, 5), atol=0.)
