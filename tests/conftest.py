@@ -4,8 +4,6 @@ import pytest
 import torch
 
 
-
-
 def make_params(seed=0, shapes=((64, 32), (32,), (5000,), (4097,), (10, 64), (10,)), dtype=torch.float32):
     "Leaf tensors of varied sizes: some below bitsandbytes' 4096-element 8-bit threshold, one a partial block"
     g = torch.Generator().manual_seed(seed)
