@@ -155,7 +155,8 @@ def test_none_grads_skipped_and_grads_untouched(path):
     grads = [p.grad.clone() if p.grad is not None else None for p in a]
     before = a[2].detach().clone()
     opt.step()
-    assert torch.equal(a[2], before) and a[2] not in opt.state or not opt.state[a[2]]
+    assert torch.equal(a[2], before)
+    assert not opt.state.get(a[2])
     for p, g in zip(a, grads):
         if g is not None: assert torch.equal(p.grad, g)
 
@@ -239,3 +240,51 @@ def test_paged_falls_back_on_cpu_with_a_warning():
     with pytest.warns(UserWarning, match='is_paged=True. needs CUDA'):
         paged = run(fx_lion(a, 'eightbit', is_paged=True), a, 5)
     assert_close_lists(paged, run(fx_lion(b, 'eightbit'), b, 5), atol=0.)
+
+
+def test_bare_tensor_is_one_parameter():
+    "As with fastai's optimizers, a single tensor is one parameter, not a list of its rows"
+    w = torch.zeros(3, 2, requires_grad=True)
+    opt = Lion(w, lr=0.1, wd=0.)
+    w.grad = torch.ones(3, 2)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((3, 2), -0.1))
+
+
+def test_state_dict_loads_with_plain_weights_only_after_numpy_hypers():
+    "fastai's schedulers set hypers to numpy floats; the saved hypers are plain Python numbers"
+    import numpy as np
+    a = make_params()
+    opt = fx_lion(a, 'foreach')
+    opt.set_hyper('lr', np.array([1e-3, 2e-3]))
+    run(opt, a, 2)
+    loaded = roundtrip(opt.state_dict())
+    assert [h['lr'] for h in loaded['hypers']] == [1e-3, 2e-3]
+    assert all(type(h['lr']) is float for h in loaded['hypers'])
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach', 'eightbit'])
+def test_non_contiguous_parameter(path):
+    "A transposed leaf steps like its contiguous copy on every path"
+    base = torch.randn(4096, 3)
+    t = base.clone().t().detach().requires_grad_()
+    c = t.detach().contiguous().requires_grad_()
+    assert not t.is_contiguous()
+    g = torch.randn(3, 4096)
+    for w in (t, c):
+        opt = Lion([w], lr=0.01, **PATH_KWARGS[path])
+        for _ in range(3):
+            w.grad = g.clone()
+            opt.step()
+    torch.testing.assert_close(t.detach(), c.detach(), atol=0., rtol=0.)
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach', 'eightbit'])
+def test_optimizer_pickles(path):
+    "torch.save(learn) pickles the optimizer whole: no lambdas or local functions in it"
+    import pickle
+    a = make_params()
+    opt = fx_lion(a, path)
+    run(opt, a, 1)
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.path == path and clone.hypers[0]['lr'] == LRS[0]
