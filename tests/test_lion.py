@@ -5,10 +5,10 @@ import bitsandbytes.optim as bnb_optim
 import lion_pytorch
 from fastxtend_optim import core
 from fastxtend_optim.lion import Lion
+from fastxtend_optim.demo import PATH_FUNCS as PATH_KWARGS
 from conftest import make_params, set_grads, run, two_groups, roundtrip, assert_close_lists
 
 LRS = (1e-3, 3e-3)
-PATH_KWARGS = {'native': dict(foreach=False), 'foreach': dict(foreach=True), 'eightbit': dict(eightbit=True)}
 
 
 def fx_lion(params, path, wd=0.1, no_wd=(1, 5), **kwargs):
