@@ -2,6 +2,7 @@
 import io
 import pytest
 import torch
+from fastxtend_optim.demo import PATH_FUNCS as PATH_KWARGS
 
 
 def make_params(seed=0, shapes=((64, 32), (32,), (5000,), (4097,), (10, 64), (10,)), dtype=torch.float32):
@@ -26,9 +27,31 @@ def run(opt, params, steps, start=0):
     return [p.detach().clone() for p in params]
 
 
+LRS = (1e-3, 3e-3)
+NO_WD = (1, 5)  # indexes of `make_params` that get fastai's do_wd=False
+
+
 def two_groups(params):
     "fastai param lists: two groups"
     return [params[:3], params[3:]]
+
+
+def fx_groups(opt_fn, params, path, no_wd=NO_WD, **kwargs):
+    "`opt_fn` over two param groups with lrs `LRS`; `no_wd` indexes get fastai's do_wd=False"
+    opt = opt_fn(two_groups(params), lr=LRS[1], **PATH_KWARGS.get(path, {}), **kwargs)
+    opt.set_hyper('lr', list(LRS))
+    for i in no_wd: opt.state[params[i]]['do_wd'] = False
+    return opt
+
+
+def torch_groups(params, wd, no_wd=NO_WD, wd_key='weight_decay'):
+    "The same grouping as `fx_groups`, as torch.optim param groups"
+    groups = []
+    for lr, idx in zip(LRS, (range(0, 3), range(3, 6))):
+        for decay in (True, False):
+            ps = [params[i] for i in idx if (i not in no_wd) == decay]
+            if ps: groups.append({'params': ps, 'lr': lr, wd_key: wd if decay else 0.})
+    return groups
 
 
 def roundtrip(obj):

@@ -5,28 +5,11 @@ import bitsandbytes.optim as bnb_optim
 import lion_pytorch
 from fastxtend_optim import core
 from fastxtend_optim.lion import Lion
-from fastxtend_optim.demo import PATH_FUNCS as PATH_KWARGS
-from conftest import make_params, set_grads, run, two_groups, roundtrip, assert_close_lists
+from conftest import (make_params, set_grads, run, roundtrip, assert_close_lists, fx_groups, torch_groups, LRS,
+                      NO_WD, PATH_KWARGS)
 
-LRS = (1e-3, 3e-3)
-
-
-def fx_lion(params, path, wd=0.1, no_wd=(1, 5), **kwargs):
-    "Lion over two param groups with different lrs; `no_wd` indexes get fastai's do_wd=False"
-    opt = Lion(two_groups(params), lr=LRS[1], wd=wd, **PATH_KWARGS[path], **kwargs)
-    opt.set_hyper('lr', list(LRS))
-    for i in no_wd: opt.state[params[i]]['do_wd'] = False
-    return opt
-
-
-def torch_groups(params, wd, no_wd=(1, 5), wd_key='weight_decay'):
-    "The same grouping as `fx_lion`, as torch.optim param groups"
-    groups = []
-    for lr, idx in zip(LRS, (range(0, 3), range(3, 6))):
-        for decay in (True, False):
-            ps = [params[i] for i in idx if (i not in no_wd) == decay]
-            if ps: groups.append({'params': ps, 'lr': lr, wd_key: wd if decay else 0.})
-    return groups
+def fx_lion(params, path, wd=0.1, no_wd=NO_WD, **kwargs):
+    return fx_groups(Lion, params, path, wd=wd, no_wd=no_wd, **kwargs)
 
 
 def test_native_and_foreach_agree_over_100_steps():
