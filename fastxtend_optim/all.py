@@ -7,10 +7,12 @@ Docs: https://fastxtend.github.io/fastxtend_optim/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/90_all.ipynb #27f9c9a3
+# %% ../nbs/90_all.ipynb #ced4ec30
 from .core import *
 from .eightbit import *
 from .lion import *
-from . import core, eightbit, lion as _lion
+from .adam import *
+from .lars import *
+from . import core, eightbit, lion as _lion, adam as _adam, lars as _lars
 
-__all__ = [*core.__all__, *eightbit.__all__, *_lion.__all__]  # nbdev's own `__all__` here would be empty
+__all__ = [*core.__all__, *eightbit.__all__, *_lion.__all__, *_adam.__all__, *_lars.__all__]  # nbdev's own `__all__` here would be empty
