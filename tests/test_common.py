@@ -1,0 +1,52 @@
+"What every optimizer must do alike, on every path: errors, state keys, pickling, None gradients."
+import pickle
+import pytest
+import torch
+from fastxtend_optim.lion import Lion
+from fastxtend_optim.adam import Adam
+from fastxtend_optim.lars import Lars
+from conftest import make_params, run, fx_groups, PATH_KWARGS
+
+OPTIMIZERS = {'lion': Lion, 'adam': Adam, 'lars': Lars}
+PATHS = list(PATH_KWARGS)
+CASES = [(o, p) for o in OPTIMIZERS for p in PATHS]
+
+
+@pytest.mark.parametrize('name,path', CASES)
+def test_same_errors_on_every_path(name, path):
+    opt_fn, kw, w = OPTIMIZERS[name], PATH_KWARGS[path], [torch.zeros(3, requires_grad=True)]
+    for bad, match in ((dict(lr=-1.), '`lr` must be'), (dict(lr=1e-3, wd=-1.), '`wd` must be'),
+                       (dict(lr=1e-3, percentile_clipping=0), '`percentile_clipping` must be in')):
+        with pytest.raises(ValueError, match=match): opt_fn(w, **bad, **kw)
+    with pytest.raises(ValueError, match='`params` is empty'): opt_fn([], lr=1e-3, **kw)
+    with pytest.raises(ValueError, match='exclusive'): opt_fn(w, lr=1e-3, foreach=True, eightbit=True)
+    with pytest.raises(ValueError, match='apply only to the 8-bit path'): opt_fn(w, lr=1e-3, foreach=False, optim_bits=32)
+    opt = opt_fn(w, lr=1e-3, **kw)
+    with pytest.raises(ValueError, match='`lr` must be'): opt.set_hyper('lr', -1.)
+    assert opt.hypers[0]['lr'] == 1e-3
+
+
+@pytest.mark.parametrize('name', OPTIMIZERS)
+def test_native_and_foreach_share_state_keys_and_hypers(name):
+    keys, hypers = [], []
+    for path in ('native', 'foreach'):
+        ps = make_params()
+        opt = fx_groups(OPTIMIZERS[name], ps, path)
+        run(opt, ps, 2)
+        keys.append([sorted(opt.state[p]) for p in ps])
+        hypers.append([dict(h) for h in opt.hypers])
+    assert keys[0] == keys[1] and hypers[0] == hypers[1]
+    assert all('step' in k for k in keys[0])
+
+
+@pytest.mark.parametrize('name,path', CASES)
+def test_pickles_and_skips_none_grads(name, path):
+    ps = make_params()
+    opt = fx_groups(OPTIMIZERS[name], ps, path)
+    run(opt, ps, 1)
+    ps[2].grad = None
+    before = ps[2].detach().clone()
+    opt.step()
+    assert torch.equal(ps[2], before) and opt.state[ps[2]]['step'] == 1
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.path == path and clone.hypers == opt.hypers
