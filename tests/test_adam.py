@@ -108,8 +108,8 @@ class KernelSpy:
             opt.foreach_step = lambda *a, **kw: self.used.append(kw['mom']) or inner(*a, **kw)
         else:
             for name in ('optimizer_update_8bit_blockwise', 'optimizer_update_32bit'):
-                inner_k = getattr(eightbit_module.BF, name)
-                monkeypatch.setattr(eightbit_module.BF, name, self._wrap(inner_k))
+                inner_k = getattr(eightbit_module.bnb_functional(), name)
+                monkeypatch.setattr(eightbit_module.bnb_functional(), name, self._wrap(inner_k))
 
     def _wrap(self, inner):
         return lambda **kw: self.used.append(kw['beta1']) or inner(**kw)

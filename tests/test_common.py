@@ -50,3 +50,13 @@ def test_pickles_and_skips_none_grads(name, path):
     assert torch.equal(ps[2], before) and opt.state[ps[2]]['step'] == 1
     clone = pickle.loads(pickle.dumps(opt))
     assert clone.path == path and clone.hypers == opt.hypers
+
+
+@pytest.mark.parametrize('name', OPTIMIZERS)
+def test_missing_bitsandbytes_fails_only_the_eightbit_path(name, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, 'bitsandbytes.functional', None)
+    w = [torch.zeros(3, requires_grad=True)]
+    OPTIMIZERS[name](w, lr=1e-3, foreach=True)
+    with pytest.raises(ImportError, match="pip install 'bitsandbytes"):
+        OPTIMIZERS[name](w, lr=1e-3, eightbit=True)
