@@ -1,0 +1,77 @@
+"fxo-bench as a user runs it: the tables it prints and writes, and its one-line errors."
+import os
+import shutil
+import subprocess
+import sys
+import pytest
+from fastxtend_optim import bench
+
+
+def fxo_bench(*args, cwd):
+    "Run the console script (or the module, where the script is not on PATH)"
+    exe = shutil.which('fxo-bench')
+    cmd = [exe] if exe else [sys.executable, '-m', 'fastxtend_optim.bench']
+    env = {**os.environ, 'PYTHONWARNINGS': 'ignore'}
+    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def md_rows(text):
+    "First column -> other cells of every body row of the Markdown tables in `text`"
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if line.startswith('|') and not set(line) <= set('|-') and cells[0] not in ('optimizer', 'implementation'):
+            rows.setdefault(cells[0], []).append(cells[1:])
+    return rows
+
+
+def test_train_prints_and_writes_the_speedup_table(tmp_path):
+    res = fxo_bench('train', '--epochs', '1', '--opt', 'lion', 'adam', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert 'ForEach speedup' in res.stdout and 'native step (ms)' in res.stdout
+    md = (tmp_path / 'fxo-bench' / 'train.md').read_text()
+    rows = md_rows(md)
+    assert set(rows) == {'lion', 'adam'}
+    speed = rows['lion'][0]
+    native, foreach, eightbit, speedup = map(float, speed)
+    assert native > 0 and foreach > 0 and eightbit > 0
+    assert speedup == pytest.approx(native / foreach, rel=2e-3)
+    runs = rows['lion'][1:]
+    assert [r[0] for r in runs] == ['native', 'foreach', 'eightbit']
+    assert all(float(r[1]) > 0.8 for r in runs)  # accuracy after one epoch
+    assert (tmp_path / 'fxo-bench' / 'train.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_step_small_prints_ratios_against_peers(tmp_path):
+    res = fxo_bench('step', '--size', 'small', '--rounds', '3', '--opt', 'lion', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert 'floor 20 B/param' in res.stdout
+    rows = md_rows((tmp_path / 'fxo-bench' / 'step.md').read_text())
+    assert {'fastxtend_optim foreach', 'fastai Optimizer loop', 'lion-pytorch', 'bitsandbytes Lion8bit'} <= set(rows)
+    assert float(rows['fastxtend_optim foreach'][0][1]) == 1.0  # × ForEach of itself
+    ms, ratio = float(rows['lion-pytorch'][0][0]), float(rows['lion-pytorch'][0][1])
+    assert ratio == pytest.approx(ms / float(rows['fastxtend_optim foreach'][0][0]), rel=0.02)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--opt', 'sgd'], "unknown optimizer 'sgd'"),
+    (['--path', 'turbo'], "unknown path 'turbo'"),
+    (['--device', 'tpu'], "unknown device 'tpu'"),
+    (['step', '--size', 'huge'], "unknown size 'huge'"),
+    (['--epochs', '0'], '--epochs must be positive'),
+    (['step', '--tensors', '-5'], '--tensors must be positive'),
+    (['fly'], "unknown mode 'fly'"),
+])
+def test_bad_options_get_one_line(args, message, tmp_path):
+    res = fxo_bench(*args, cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f'fxo-bench: error: {message}' + res.stderr.strip().split(message, 1)[1]
+    assert len(res.stderr.strip().splitlines()) == 1 and 'Traceback' not in res.stderr
+
+
+def test_eightbit_without_bitsandbytes_is_refused(monkeypatch, tmp_path):
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, 'find_spec', lambda name, *a: None if name == 'bitsandbytes' else real(name, *a))
+    with pytest.raises(bench.BenchError, match='the eightbit path needs bitsandbytes'):
+        bench.run_bench('train', ['lion'], ['eightbit'], 1, 64, 'small', None, None, 3, 'cpu', tmp_path)
+    bench.check_eightbit(['native', 'foreach'])  # the other paths need no bitsandbytes
