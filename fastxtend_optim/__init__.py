@@ -2,6 +2,7 @@
 
 Modules:
 
-- `fastxtend_optim.bench`: The `fxo-bench` command: train on bundled data with every optimizer and path under the profiler, or time `opt.step()` alone against the peers that are installed."""
+- `fastxtend_optim.bench`: The `fxo-bench` command: train on bundled data with every optimizer and path under the profiler, or time `opt.step()` alone against the peers that are installed.
+- `fastxtend_optim.demo`: A fastai Learner on real handwritten digits that ship with scikit-learn: what `fxo-bench`, the tests and the examples train."""
 
 __version__ = "0.0.1"
