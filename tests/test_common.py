@@ -5,7 +5,7 @@ import torch
 from fastxtend_optim.lion import Lion
 from fastxtend_optim.adam import Adam
 from fastxtend_optim.lars import Lars
-from conftest import make_params, run, fx_groups, PATH_KWARGS
+from conftest import make_params, run, fx_groups, roundtrip, assert_close_lists, PATH_KWARGS, LRS, NO_WD
 
 OPTIMIZERS = {'lion': Lion, 'adam': Adam, 'lars': Lars}
 PATHS = list(PATH_KWARGS)
@@ -24,6 +24,26 @@ def test_same_errors_on_every_path(name, path):
     opt = opt_fn(w, lr=1e-3, **kw)
     with pytest.raises(ValueError, match='`lr` must be'): opt.set_hyper('lr', -1.)
     assert opt.hypers[0]['lr'] == 1e-3
+
+
+RESUME_KWARGS = {'lion': {}, 'adam': dict(amsgrad=False, decouple_wd=False), 'lars': dict(nesterov=True, clip=True)}
+
+
+@pytest.mark.parametrize('name,path', CASES)
+def test_checkpoint_resume_is_exact(name, path):
+    "Saved mid-run through torch.save/torch.load(weights_only=True), then continued: bitwise the uninterrupted run"
+    make = lambda ps, **kw: fx_groups(OPTIMIZERS[name], ps, path, **RESUME_KWARGS[name], **kw)
+    a, b = make_params(), make_params()
+    uninterrupted = run(make(a), a, 30)
+    first = make(b)
+    run(first, b, 15)
+    saved = roundtrip({'params': [p.detach() for p in b], 'opt': first.state_dict()})
+    c = [p.clone().requires_grad_() for p in saved['params']]
+    second = make(c, no_wd=())
+    second.load_state_dict(saved['opt'])
+    assert all(second.state[c[i]]['do_wd'] is False for i in NO_WD) and second.hypers[0]['lr'] == LRS[0]
+    assert second.state[c[0]]['step'] == 15
+    assert_close_lists(run(second, c, 15, start=15), uninterrupted, atol=0.)
 
 
 @pytest.mark.parametrize('name', OPTIMIZERS)

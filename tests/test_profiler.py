@@ -2,7 +2,6 @@
 import time
 import pandas as pd
 import pytest
-import torch
 from fastai.callback.all import GradientAccumulation, MixedPrecision
 from fastxtend_optim.lion import lion
 from fastxtend_optim.adam import adam
