@@ -98,8 +98,9 @@ def test_state_bytes_per_path(dls):
     sizes = {}
     for path, kw in (('foreach', dict(foreach=True)), ('eightbit', dict(eightbit=True))):
         learn = digits_learner(lion(**kw), dls)
-        fit(learn.profile())
-        sizes[path] = state_bytes(learn.opt)
+        prof = fit(learn.profile())
+        assert prof.opt_path == path and prof.state_bytes == state_bytes(learn.opt)
+        sizes[path] = prof.state_bytes
     n = sum(p.numel() for p in learn.model.parameters())
     assert sizes['foreach'] >= 4 * n                      # one fp32 momentum per parameter
     assert sizes['eightbit'] < 0.5 * sizes['foreach']    # uint8 codes for the two big matrices
