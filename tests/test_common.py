@@ -80,3 +80,15 @@ def test_missing_bitsandbytes_fails_only_the_eightbit_path(name, monkeypatch):
     OPTIMIZERS[name](w, lr=1e-3, foreach=True)
     with pytest.raises(ImportError, match="pip install 'bitsandbytes"):
         OPTIMIZERS[name](w, lr=1e-3, eightbit=True)
+
+
+@pytest.mark.parametrize('name,path', CASES)
+def test_bf16_steps(name, path):
+    "bf16 parameters step on every path and agree with an fp32 run to bf16 resolution"
+    lo, hi = make_params(dtype=torch.bfloat16), make_params()
+    for p, q in zip(lo, hi): q.data = p.data.float()
+    rl, rh = run(fx_groups(OPTIMIZERS[name], lo, path), lo, 3), run(fx_groups(OPTIMIZERS[name], hi, path), hi, 3)
+    for x, y in zip(rl, rh):
+        assert x.dtype == torch.bfloat16 and x.isfinite().all()
+        # 3 steps of at most ~lr (3e-3) each, plus bf16 rounding of values up to ~5 (2**-8 relative)
+        torch.testing.assert_close(x.float(), y, atol=0.05, rtol=2**-7)
