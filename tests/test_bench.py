@@ -75,3 +75,33 @@ def test_eightbit_without_bitsandbytes_is_refused(monkeypatch, tmp_path):
     with pytest.raises(bench.BenchError, match='the eightbit path needs bitsandbytes'):
         bench.run_bench('train', ['lion'], ['eightbit'], 1, 64, 'small', None, None, 3, 'cpu', tmp_path)
     bench.check_eightbit(['native', 'foreach'])  # the other paths need no bitsandbytes
+
+
+def run_in_process(tmp_path, mode='train', opts=('lion',), paths=('native', 'foreach'), epochs=1, bs=64, size='small',
+                   rounds=2, out=None):
+    bench.run_bench(mode, list(opts), list(paths), epochs, bs, size, None, None, rounds, 'cpu', out or tmp_path)
+
+
+def test_repeated_names_run_once(tmp_path, capsys):
+    run_in_process(tmp_path, opts=('lion', 'lion'), paths=('native', 'native', 'foreach'))
+    rows = md_rows((tmp_path / 'train.md').read_text())
+    assert [r[0] for r in rows['lion'][1:]] == ['native', 'foreach']
+
+
+def test_step_without_foreach_names_its_baseline(tmp_path, capsys):
+    run_in_process(tmp_path, mode='step', opts=('adam',), paths=('native',))
+    out = capsys.readouterr().out
+    assert '× fastxtend_optim native' in out and '× ForEach' not in out
+
+
+def test_batch_size_limits(tmp_path):
+    with pytest.raises(bench.BenchError, match='larger than the training set'):
+        run_in_process(tmp_path, bs=5000)
+    run_in_process(tmp_path, paths=('native',), bs=700)  # 2 training batches: one is kept after warm-up
+    assert float(md_rows((tmp_path / 'train.md').read_text())['lion'][1][2]) > 0  # its step time
+
+
+def test_out_must_be_a_folder(tmp_path):
+    (tmp_path / 'f').write_text('')
+    with pytest.raises(bench.BenchError, match='is a file, not a folder'):
+        run_in_process(tmp_path, out=tmp_path / 'f')

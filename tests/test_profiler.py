@@ -50,9 +50,19 @@ def test_opt_step_is_largest_when_slowed(dls):
     assert fast.loc[batch, 'mean_ms'].idxmax() != 'opt_step' or fast.loc['opt_step', 'mean_ms'] < 5
 
 
-def test_warmup_batches_dropped(dls):
-    prof = fit(digits_learner(lion(), dls).profile(warmup=5))
-    assert prof.report().loc['forward', 'calls'] == len(dls.train) - 5
+def test_warmup_batches_dropped_once_per_fit(dls):
+    prof = fit(digits_learner(lion(), dls).profile(warmup=5), epochs=2)
+    assert prof.report().loc['forward', 'calls'] == 2 * len(dls.train) - 5
+
+
+def test_validate_and_get_preds_keep_the_training_profile(dls):
+    learn = digits_learner(lion(), dls).profile()
+    before = fit(learn).report()
+    with learn.no_bar():
+        learn.validate()
+        learn.get_preds()
+    pd.testing.assert_frame_equal(learn.profiler.report(), before)
+    assert learn.profiler.throughput()['train'] > 0
 
 
 def test_gradient_accumulation_counts_only_real_steps(dls):
@@ -65,8 +75,11 @@ def test_gradient_accumulation_counts_only_real_steps(dls):
 def test_mixed_precision_and_lr_find(dls):
     learn = digits_learner(adam(), dls, cbs=MixedPrecision(amp_mode='bf16')).profile(warmup=0)
     assert fit(learn).report().loc['opt_step', 'calls'] == len(dls.train)
-    with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=20, show_plot=False)
-    assert learn.profiler.report().loc['opt_step', 'calls'] <= 20
+    n = len(dls.train) + 8  # past the end of an epoch: lr_find then cancels validation before it starts
+    with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=n, show_plot=False)
+    df = learn.profiler.report()
+    assert df.loc['opt_step', 'calls'] == len(learn.recorder.lrs) > len(dls.train)  # every lr_find step, past an epoch
+    assert df.loc['validate', 'total_s'] < 0.01  # cancelled validations take no time, and no stale start is used
 
 
 def test_csv_markdown_and_png_round_trip(dls, tmp_path):
