@@ -79,7 +79,7 @@ def test_mixed_precision_and_lr_find(dls):
     with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=n, show_plot=False)
     df = learn.profiler.report()
     assert df.loc['opt_step', 'calls'] == len(learn.recorder.lrs) > len(dls.train)  # every lr_find step, past an epoch
-    assert df.loc['validate', 'total_s'] < 0.01  # cancelled validations take no time, and no stale start is used
+    assert 'validate' not in df.index  # lr_find cancels every validation before it starts: nothing stale is timed
 
 
 def test_csv_markdown_and_png_round_trip(dls, tmp_path):
