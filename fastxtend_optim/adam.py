@@ -12,6 +12,7 @@ from torch import Tensor
 from fastai.optimizer import debias
 from .core import FXOptimizer, check_hypers, select_path, unit_interval, non_negative, percentile_range
 from .eightbit import EightBitSpec, eightbit_args
+from .fused import FusedSpec
 
 # %% auto #0
 __all__ = ['ADAM_8BIT', 'ADAM_CHECKS', 'adam_step', 'adam_foreach_step', 'adam_kernel_hypers', 'Adam', 'adam']
@@ -50,32 +51,51 @@ def adam_kernel_hypers(h:dict) -> dict:
     return dict(beta1=h['mom'], beta2=h['sqr_mom'], eps=h['eps'])
 
 ADAM_8BIT = EightBitSpec('adam', adam_kernel_hypers, two_states=True)
+
+def adam_update(p:Tensor, g:Tensor, grad_avg:Tensor, sqr_avg:Tensor, mom:Tensor, mom_c:Tensor, sqr_mom:Tensor,
+                sqr_mom_c:Tensor, eps:Tensor, step_size:Tensor, debias2:Tensor, max_sqr_avg:Tensor|None=None,
+                **kwargs) -> dict:
+    "Adam's update as element-wise math, for the fused kernel; `*_c` is `1 - *`, `step_size` is `-lr/debias1`"
+    m, v = grad_avg * mom + g * mom_c, sqr_avg * sqr_mom + g * g * sqr_mom_c
+    new = dict(grad_avg=m, sqr_avg=v)
+    if max_sqr_avg is not None: v = new['max_sqr_avg'] = torch.maximum(max_sqr_avg, v)
+    return dict(new, p=p + step_size * (m / ((v / debias2).sqrt() + eps)))
+
+def adam_scalars(h:dict, group) -> dict:
+    "The numbers `adam_update` needs; bias corrections per tensor, from each tensor's step"
+    mom, sqr_mom = h['mom'], h['sqr_mom']
+    steps = torch.tensor([s['step'] for s in group.states], dtype=torch.float64)
+    return dict(mom=mom, mom_c=1 - mom, sqr_mom=sqr_mom, sqr_mom_c=1 - sqr_mom, eps=h['eps'],
+                step_size=-h['lr'] / debias(mom, 1 - mom, steps), debias2=debias(sqr_mom, 1 - sqr_mom, steps))
+
+ADAM_FUSED = FusedSpec(adam_update, adam_scalars)
 ADAM_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, percentile_clipping=percentile_range)
 
 # %% ../nbs/11_adam.ipynb #e05c05c5
-def _adam_args(foreach, eightbit, amsgrad, eightbitargs) -> tuple:
+def _adam_args(foreach, eightbit, fused, amsgrad, eightbitargs) -> tuple:
     "The path and 8-bit options, checked; AMSGrad has no bitsandbytes kernel"
     if not isinstance(amsgrad, bool): raise ValueError(f"`amsgrad` must be a bool, got {amsgrad!r}")
     if amsgrad and eightbit:
         raise ValueError("`amsgrad=True` is not available with `eightbit=True`: bitsandbytes' Adam kernels have no AMSGrad")
-    return select_path(foreach, eightbit), eightbit_args(eightbit, **eightbitargs)
+    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, **eightbitargs)
 
 def Adam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0.01, decouple_wd:bool=True,
-         amsgrad:bool=False, foreach:bool|None=None, eightbit:bool=False, percentile_clipping:float=100,
-         **eightbitargs) -> FXOptimizer:
-    "A fastai `Optimizer` for Adam (`decouple_wd=False`) or AdamW on the native, ForEach or bitsandbytes path"
-    path, args = _adam_args(foreach, eightbit, amsgrad, eightbitargs)
+         amsgrad:bool=False, foreach:bool|None=None, fused:bool=False, eightbit:bool=False,
+         percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
+    "A fastai `Optimizer` for Adam (`decouple_wd=False`) or AdamW on the native, ForEach, fused or bitsandbytes path"
+    path, args = _adam_args(foreach, eightbit, fused, amsgrad, eightbitargs)
     keys = ('grad_avg', 'sqr_avg', 'max_sqr_avg') if amsgrad else ('grad_avg', 'sqr_avg')
     return FXOptimizer(params, [partial(adam_step, amsgrad=amsgrad)], partial(adam_foreach_step, amsgrad=amsgrad),
-                       state_keys=keys, path=path, checks=ADAM_CHECKS, eightbit=ADAM_8BIT, eightbit_args=args,
+                       state_keys=keys, path=path, checks=ADAM_CHECKS, eightbit=ADAM_8BIT, eightbit_args=args, fused=ADAM_FUSED,
                        lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd,
                        percentile_clipping=percentile_clipping)
 
 # %% ../nbs/11_adam.ipynb #452888eb
 def adam(mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0.01, decouple_wd:bool=True, amsgrad:bool=False,
-         foreach:bool|None=None, eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> partial:
+         foreach:bool|None=None, fused:bool=False, eightbit:bool=False, percentile_clipping:float=100,
+         **eightbitargs) -> partial:
     "A partial of `Adam` for `Learner(opt_func=...)`; checks its arguments now"
     check_hypers(ADAM_CHECKS, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, percentile_clipping=percentile_clipping)
-    _adam_args(foreach, eightbit, amsgrad, eightbitargs)
+    _adam_args(foreach, eightbit, fused, amsgrad, eightbitargs)
     return partial(Adam, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd, amsgrad=amsgrad,
-                   foreach=foreach, eightbit=eightbit, percentile_clipping=percentile_clipping, **eightbitargs)
+                   foreach=foreach, fused=fused, eightbit=eightbit, percentile_clipping=percentile_clipping, **eightbitargs)

@@ -6,7 +6,7 @@ Docs: https://fastxtend.github.io/fastxtend_optim/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #2fe86036
 from __future__ import annotations
-import math, numbers
+import math, numbers, warnings
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
@@ -16,7 +16,7 @@ from fastcore.foundation import L
 
 # %% auto #0
 __all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'unit_interval', 'percentile_range', 'check_hypers',
-           'TensorGroup', 'gather_groups', 'init_state', 'weight_decay_', 'clip_by_percentile', 'foreach_chunks',
+           'TensorGroup', 'gather_groups', 'init_state', 'weight_decay_', 'percentile_scales', 'clip_by_percentile', 'foreach_chunks',
            'select_path', 'plain_number', 'FXOptimizer']
 
 # %% ../nbs/00_core.ipynb #85b45c8e
@@ -52,6 +52,7 @@ class TensorGroup:
     "Parameters with a gradient that share hypers, device, dtype and `do_wd`"
     hyper: dict
     do_wd: bool
+    key: tuple = ()  # (param list index, device, dtype, do_wd)
     params: list = field(default_factory=list)
     grads: list = field(default_factory=list)
     states: list = field(default_factory=list)
@@ -59,13 +60,13 @@ class TensorGroup:
 def gather_groups(opt:Optimizer) -> list[TensorGroup]:
     "Group `opt`'s parameters that have a gradient by param group, device, dtype and `do_wd`"
     groups = []
-    for params, hyper in zip(opt.param_lists, opt.hypers):
+    for i, (params, hyper) in enumerate(zip(opt.param_lists, opt.hypers)):
         by_key = {}
         for p in params:
             if p.grad is None: continue
             state = opt.state[p]
-            do_wd = state.get('do_wd', True)
-            group = by_key.setdefault((p.device, p.dtype, do_wd), TensorGroup(hyper, do_wd))
+            key = (i, p.device, p.dtype, state.get('do_wd', True))
+            group = by_key.setdefault(key, TensorGroup(hyper, key[3], key))
             group.params.append(p); group.grads.append(p.grad); group.states.append(state)
         groups += by_key.values()
     return groups
@@ -88,9 +89,9 @@ def weight_decay_(params:list[Tensor], grads:list[Tensor], lr:float, wd:float, d
 # %% ../nbs/00_core.ipynb #98a20fd3
 GNORM_HISTORY = 100
 
-def clip_by_percentile(grads:list[Tensor], states:list[dict], percentile:float=100) -> list[Tensor]:
-    "Gradients scaled down to the `percentile`-th percentile of their own recent norms"
-    if percentile >= 100: return grads
+def percentile_scales(grads:list[Tensor], states:list[dict], percentile:float=100) -> list[Tensor]|None:
+    "Per gradient, the factor that brings it down to the `percentile`-th percentile of its recent norms; `None` at 100"
+    if percentile >= 100: return None
     scales = []
     for g, n, s in zip(grads, torch._foreach_norm(grads), states):
         hist = s.get('gnorm_hist')
@@ -102,7 +103,12 @@ def clip_by_percentile(grads:list[Tensor], states:list[dict], percentile:float=1
         rank = max(1, math.ceil(percentile / 100 * len(seen)))
         limit = seen.kthvalue(rank).values
         scales.append(torch.where(n > limit, limit / n, torch.ones_like(n)).to(g.dtype))
-    return torch._foreach_mul(grads, scales)
+    return scales
+
+def clip_by_percentile(grads:list[Tensor], states:list[dict], percentile:float=100) -> list[Tensor]:
+    "Gradients scaled down to the `percentile`-th percentile of their own recent norms"
+    scales = percentile_scales(grads, states, percentile)
+    return grads if scales is None else torch._foreach_mul(grads, scales)
 
 # %% ../nbs/00_core.ipynb #c0c3dc7a
 FOREACH_CPU_CHUNK = 2**19
@@ -118,14 +124,20 @@ def foreach_chunks(params:list[Tensor], limit:int|None=None) -> list[list[int]]:
     return chunks
 
 # %% ../nbs/00_core.ipynb #ec6376cb
-PATHS = ('native', 'foreach', 'eightbit')
+PATHS = ('native', 'foreach', 'fused', 'eightbit')
 
-def select_path(foreach:bool|None=None, eightbit:bool=False) -> str:
-    "The path an optimizer takes: 'native', 'foreach' or 'eightbit'"
+def select_path(foreach:bool|None=None, eightbit:bool=False, fused:bool=False) -> str:
+    "The path an optimizer takes: 'native', 'foreach', 'fused' or 'eightbit'"
+    for name, v in dict(eightbit=eightbit, fused=fused).items():
+        if not isinstance(v, bool): raise ValueError(f"`{name}` must be a bool, got {v!r}")
     if eightbit and foreach:
         raise ValueError("`foreach=True` and `eightbit=True` are exclusive: the 8-bit path runs bitsandbytes' kernels "
                          "one tensor at a time. Pass one of them.")
+    if fused and (foreach or eightbit):
+        raise ValueError(f"`fused=True` and `{'foreach' if foreach else 'eightbit'}=True` are exclusive: the fused path "
+                         "runs its own compiled kernel over whole tensor groups. Pass one of them.")
     if eightbit: return 'eightbit'
+    if fused: return 'fused'
     return 'native' if foreach is False else 'foreach'
 
 # %% ../nbs/00_core.ipynb #b8a3269d
@@ -138,9 +150,10 @@ class FXOptimizer(Optimizer):
     "A fastai `Optimizer` that steps on the native, ForEach or 8-bit path"
     def __init__(self, params, steppers:list[Callable], foreach_step:Callable, state_keys:tuple=(),
                  path:str='foreach', checks:dict|None=None, group_check:Callable|None=None, eightbit=None,
-                 eightbit_args=None, **defaults):
+                 eightbit_args=None, fused=None, **defaults):
         if path not in PATHS: raise ValueError(f"`path` must be one of {PATHS}, got {path!r}")
         if path == 'eightbit' and eightbit is None: raise ValueError("this optimizer has no 8-bit path")
+        if path == 'fused' and fused is None: raise ValueError("this optimizer has no fused path")
         params = [params] if isinstance(params, Tensor) else list(params)
         if not params or all(isinstance(pg, (list, tuple, L)) and not len(pg) for pg in params):
             raise ValueError("`params` is empty: the optimizer needs at least one parameter")
@@ -149,7 +162,7 @@ class FXOptimizer(Optimizer):
         if group_check is not None: group_check(defaults)
         super().__init__(params, steppers, **defaults)
         self.foreach_step, self.state_keys, self.path = foreach_step, tuple(state_keys), path
-        self.eightbit, self.eightbit_args = eightbit, eightbit_args
+        self.eightbit, self.eightbit_args, self.fused = eightbit, eightbit_args, fused
 
     def set_hyper(self, k, v):
         "fastai's `set_hyper`, refusing a value its check or the group check rejects (the hypers stay as they were)"
@@ -168,7 +181,10 @@ class FXOptimizer(Optimizer):
         "Zero the gradients, or drop them when `set_to_none`"
         for p, *_ in self.all_params(with_grad=True):
             if set_to_none: p.grad = None
-            else: p.grad.detach_().zero_()
+            else:
+                if p.grad.grad_fn is not None: p.grad.detach_()
+                else: p.grad.requires_grad_(False)  # the fused path's gradients are views, which cannot detach_
+                p.grad.zero_()
 
     @torch.no_grad()
     def step(self, closure:Callable|None=None):
@@ -178,9 +194,24 @@ class FXOptimizer(Optimizer):
             with torch.enable_grad(): loss = closure()
         for group in gather_groups(self):
             for state in group.states: state['step'] = state.get('step', 0) + 1
-            grads = clip_by_percentile(group.grads, group.states, group.hyper.get('percentile_clipping', 100))
+            scales = percentile_scales(group.grads, group.states, group.hyper.get('percentile_clipping', 100))
+            if self.path == 'fused' and self._fused_step(group, scales): continue
+            grads = group.grads if scales is None else torch._foreach_mul(group.grads, scales)
             getattr(self, f'_{self.path}_step')(group, grads)
         return loss
+
+    def _fused_step(self, group, scales) -> bool:
+        "The fused step; where this device cannot compile, warn once with the reason and take ForEach from now on"
+        from fastxtend_optim.fused import fused_step, fused_unavailable
+        if fused_step(self, group, scales): return True
+        warnings.warn(f"the fused path cannot run on {group.params[0].device.type}: "
+                      f"{fused_unavailable(group.params[0].device)}. This optimizer takes the ForEach path instead.")
+        self.path = 'foreach'
+        return False
+
+    def __getstate__(self):
+        "Pickle without the fused path's layouts: they are keyed by object ids, and rebuilt at the next step"
+        return {k: v for k, v in self.__dict__.items() if k != '_fused_layouts'}
 
     def _decay(self, group, params, grads):
         h = group.hyper

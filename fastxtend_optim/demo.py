@@ -49,4 +49,5 @@ def digits_learner(opt_func, dls:DataLoaders|None=None, seed:int=0, **kwargs) ->
                    metrics=accuracy, splitter=body_head_splitter, **kwargs)
 
 # %% ../nbs/20_demo.ipynb #728de90a
-PATH_FUNCS = {'native': dict(foreach=False), 'foreach': dict(foreach=True), 'eightbit': dict(eightbit=True)}
+PATH_FUNCS = {'native': dict(foreach=False), 'foreach': dict(foreach=True), 'fused': dict(fused=True),
+              'eightbit': dict(eightbit=True)}

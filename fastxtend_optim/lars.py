@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from .core import FXOptimizer, check_hypers, select_path, unit_interval, non_negative, percentile_range
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
+from .fused import FusedSpec
 
 # %% auto #0
 __all__ = ['LARS_8BIT', 'LARS_CHECKS', 'lars_local_lr', 'unorm_scale', 'lars_damping', 'lars_foreach_step', 'lars_step',
@@ -86,6 +87,27 @@ def lars_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
 
 LARS_8BIT = EightBitSpec('momentum', kernel_wd=None, group_step=lars_eightbit_group)
 
+def lars_update(p:Tensor, g:Tensor, grad_avg:Tensor, mom:Tensor, damp:Tensor, neg_local:Tensor, nesterov:bool,
+                **kwargs) -> dict:
+    "LARS's update as element-wise math, for the fused kernel; `neg_local` is minus each tensor's learning rate"
+    buf = grad_avg * mom + g * damp
+    return dict(grad_avg=buf, p=p + (g + buf * mom if nesterov else buf) * neg_local)
+
+def lars_scalars(h:dict, group) -> dict:
+    "Each tensor's learning rate from its norms (of the decayed weights and the gradients the update sees)"
+    mom, grads = h['mom'], group.effective_grads()
+    p_norms = _stacked_norms(group.params) * group.p_scale
+    local = lars_local_lr(p_norms, _stacked_norms(grads), h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
+    damps = [lars_damping(s['step'], mom, h['dampening']) for s in group.states]
+    if h['max_unorm'] > 0:
+        bufs = torch._foreach_add(torch._foreach_mul([s['grad_avg'] for s in group.states], mom),
+                                  torch._foreach_mul(grads, damps))
+        d = torch._foreach_add(grads, bufs, alpha=mom) if h['nesterov'] else bufs
+        local = local * unorm_scale(_stacked_norms(d), p_norms, h['max_unorm'])
+    return dict(mom=mom, damp=torch.tensor(damps), neg_local=-local, nesterov=h['nesterov'])
+
+LARS_FUSED = FusedSpec(lars_update, lars_scalars)
+
 # %% ../nbs/12_lars.ipynb #20790fa2
 def optional_non_negative(name:str, v):
     "Raise unless `v` is `None` or a number >= 0"
@@ -104,32 +126,33 @@ def check_nesterov(hypers:dict):
     if hypers.get('nesterov') is True and (mom == 0 or dampening != 0):
         raise ValueError(f"`nesterov=True` needs `mom` > 0 and `dampening` = 0, got mom={mom!r}, dampening={dampening!r}")
 
-def _lars_args(foreach, eightbit, hypers, eightbitargs) -> tuple:
+def _lars_args(foreach, eightbit, fused, hypers, eightbitargs) -> tuple:
     "The path and 8-bit options, checked, and torch's rule for Nesterov"
     check_nesterov(hypers)
-    return select_path(foreach, eightbit), eightbit_args(eightbit, **eightbitargs)
+    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, **eightbitargs)
 
 # %% ../nbs/12_lars.ipynb #b2cbc309
 def Lars(params, lr:float, mom:float=0.9, dampening:float=0., nesterov:bool=False, trust_coeff:float|None=0.02,
          clip:bool=False, eps:float=1e-8, wd:float=0., decouple_wd:bool=True, max_unorm:float=0.,
-         foreach:bool|None=None, eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
-    "A fastai `Optimizer` for LARS (LARC with `clip=True`) on the native, ForEach or bitsandbytes path"
+         foreach:bool|None=None, fused:bool=False, eightbit:bool=False, percentile_clipping:float=100,
+         **eightbitargs) -> FXOptimizer:
+    "A fastai `Optimizer` for LARS (LARC with `clip=True`) on the native, ForEach, fused or bitsandbytes path"
     hypers = dict(mom=mom, dampening=dampening, nesterov=nesterov, trust_coeff=trust_coeff, clip=clip, eps=eps, wd=wd,
                   decouple_wd=decouple_wd, max_unorm=max_unorm, percentile_clipping=percentile_clipping)
-    path, args = _lars_args(foreach, eightbit, hypers, eightbitargs)
+    path, args = _lars_args(foreach, eightbit, fused, hypers, eightbitargs)
     return FXOptimizer(params, [lars_step], lars_foreach_step, state_keys=('grad_avg',), path=path,
-                       checks=LARS_CHECKS, group_check=check_nesterov, eightbit=LARS_8BIT, eightbit_args=args, lr=lr,
-                       **hypers)
+                       checks=LARS_CHECKS, group_check=check_nesterov, eightbit=LARS_8BIT, eightbit_args=args,
+                       fused=LARS_FUSED, lr=lr, **hypers)
 
 def lars(mom:float=0.9, dampening:float=0., nesterov:bool=False, trust_coeff:float|None=0.02, clip:bool=False,
          eps:float=1e-8, wd:float=0., decouple_wd:bool=True, max_unorm:float=0., foreach:bool|None=None,
-         eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> partial:
+         fused:bool=False, eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> partial:
     "A partial of `Lars` for `Learner(opt_func=...)`; checks its arguments now"
     hypers = dict(mom=mom, dampening=dampening, nesterov=nesterov, trust_coeff=trust_coeff, clip=clip, eps=eps, wd=wd,
                   decouple_wd=decouple_wd, max_unorm=max_unorm, percentile_clipping=percentile_clipping)
     check_hypers(LARS_CHECKS, **hypers)
-    _lars_args(foreach, eightbit, hypers, eightbitargs)
-    return partial(Lars, foreach=foreach, eightbit=eightbit, **hypers, **eightbitargs)
+    _lars_args(foreach, eightbit, fused, hypers, eightbitargs)
+    return partial(Lars, foreach=foreach, fused=fused, eightbit=eightbit, **hypers, **eightbitargs)
 
 def larc(clip:bool=True, **kwargs) -> partial:
     "`lars` with the trust ratio capped at `lr` (LARC)"

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from .core import FXOptimizer, check_hypers, select_path, unit_interval, percentile_range
 from .eightbit import EightBitSpec, eightbit_args
+from .fused import FusedSpec
 
 # %% auto #0
 __all__ = ['LION_8BIT', 'LION_CHECKS', 'lion_step', 'lion_foreach_step', 'lion_kernel_hypers', 'Lion', 'lion']
@@ -39,24 +40,34 @@ def lion_kernel_hypers(h:dict) -> dict:
     return dict(beta1=h['beta1'], beta2=h['beta2'])
 
 LION_8BIT = EightBitSpec('lion', lion_kernel_hypers)
+
+def lion_update(p:Tensor, g:Tensor, grad_avg:Tensor, lr:Tensor, beta1:Tensor, beta2_c:Tensor, **kwargs) -> dict:
+    "Lion's update as element-wise math, for the fused kernel; `beta2_c` is `1 - beta2`"
+    return dict(p=p - lr * torch.lerp(g, grad_avg, beta1).sign(), grad_avg=torch.lerp(grad_avg, g, beta2_c))
+
+def lion_scalars(h:dict, group) -> dict:
+    "The numbers `lion_update` needs, computed in double precision"
+    return dict(lr=h['lr'], beta1=h['beta1'], beta2_c=1 - h['beta2'])
+
+LION_FUSED = FusedSpec(lion_update, lion_scalars)
 LION_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, percentile_clipping=percentile_range)
 
 # %% ../nbs/10_lion.ipynb #241cb9d4
 def Lion(params, lr:float, beta1:float=0.9, beta2:float=0.99, wd:float=0.1, foreach:bool|None=None,
-         eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
-    "A fastai `Optimizer` for Lion on the native, ForEach (`foreach`) or bitsandbytes (`eightbit`) path"
-    path = select_path(foreach, eightbit)
+         fused:bool=False, eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
+    "A fastai `Optimizer` for Lion on the native, ForEach (`foreach`), `fused` or bitsandbytes (`eightbit`) path"
+    path = select_path(foreach, eightbit, fused)
     args = eightbit_args(eightbit, **eightbitargs)
     return FXOptimizer(params, [lion_step], lion_foreach_step, state_keys=('grad_avg',), path=path,
-                       checks=LION_CHECKS, eightbit=LION_8BIT, eightbit_args=args, lr=lr, beta1=beta1,
+                       checks=LION_CHECKS, eightbit=LION_8BIT, eightbit_args=args, fused=LION_FUSED, lr=lr, beta1=beta1,
                        beta2=beta2, wd=wd, percentile_clipping=percentile_clipping)
 
 # %% ../nbs/10_lion.ipynb #17c304de
-def lion(beta1:float=0.9, beta2:float=0.99, wd:float=0.1, foreach:bool|None=None, eightbit:bool=False,
-         percentile_clipping:float=100, **eightbitargs) -> partial:
+def lion(beta1:float=0.9, beta2:float=0.99, wd:float=0.1, foreach:bool|None=None, fused:bool=False,
+         eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> partial:
     "A partial of `Lion` for `Learner(opt_func=...)`; checks its arguments now"
     check_hypers(LION_CHECKS, beta1=beta1, beta2=beta2, wd=wd, percentile_clipping=percentile_clipping)
-    select_path(foreach, eightbit)
+    select_path(foreach, eightbit, fused)
     eightbit_args(eightbit, **eightbitargs)
-    return partial(Lion, beta1=beta1, beta2=beta2, wd=wd, foreach=foreach, eightbit=eightbit,
+    return partial(Lion, beta1=beta1, beta2=beta2, wd=wd, foreach=foreach, fused=fused, eightbit=eightbit,
                    percentile_clipping=percentile_clipping, **eightbitargs)
