@@ -31,6 +31,24 @@ class FusedGroup:
 
 def _blocks(p:Tensor) -> int: return math.ceil(p.numel() / BLOCK)
 
+class _CudaBytes:
+    "CUDA memory described by `__cuda_array_interface__`, holding on to the tensor that owns it"
+    def __init__(self, owner:Tensor, ptr:int, nbytes:int):
+        self.owner = owner
+        self.__cuda_array_interface__ = dict(shape=(nbytes,), typestr='|u1', data=(ptr, False), version=2)
+
+def own_storage_view(buf:Tensor, start:int, shape) -> Tensor:
+    "`buf`'s elements from `start`, shaped `shape`, in a storage of their own that keeps `buf` alive"
+    numel, size = math.prod(shape), buf.element_size()
+    if numel == 0: return buf.new_zeros(shape)
+    if buf.device.type == 'cpu':
+        raw = buf.view(-1).view(torch.uint8).numpy()[start * size:(start + numel) * size]
+        return torch.frombuffer(raw, dtype=buf.dtype).view(shape)
+    if buf.device.type == 'cuda':
+        raw = _CudaBytes(buf, buf.data_ptr() + start * size, numel * size)
+        return torch.as_tensor(raw, device=buf.device).view(buf.dtype).view(shape)
+    return buf.view(-1)[start:start + numel].view(shape)
+
 class FusedLayout:
     "One tensor group's weights, gradients and state in `(blocks, BLOCK)` buffers; each tensor is a view of its rows"
     def __init__(self, params:list[Tensor], states:list[dict], state_keys:tuple):
@@ -42,6 +60,7 @@ class FusedLayout:
         self.block_member = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(p0.device)
         self.bufs = {k: p0.new_zeros(self.starts[-1], BLOCK) for k in ('p', 'g', *self.state_keys)}
         self.views = {k: [self._view(buf, i) for i in range(len(self.params))] for k, buf in self.bufs.items()}
+        self.views['p'] = [own_storage_view(self.bufs['p'], self.starts[i] * BLOCK, p.shape) for i, p in enumerate(self.params)]
         for i, (p, state) in enumerate(zip(self.params, states)):
             self.views['p'][i].copy_(p.detach())
             p.data = self.views['p'][i]
@@ -83,9 +102,10 @@ def _fused_apply(update:Callable, bufs:dict, scalars:Tensor, scalar_names:tuple,
     "Clip, decay and `update` rows of the buffers in place: `scalars` are group-wide, `vectors` hold one value per member"
     s = dict(zip(scalar_names, scalars.unbind()))
     v = {k: vec[block_member][:, None] for k, vec in zip(vector_names, vectors.unbind())}
-    p = bufs['p']
-    g = bufs['g'] * v.pop('grad_scale') + s.pop('l2') * p
-    state = {k: b for k, b in bufs.items() if k not in ('p', 'g')}
+    wide = {k: b.float() if b.element_size() < 4 else b for k, b in bufs.items()}  # fp16/bf16: math in fp32
+    p = wide['p']
+    g = wide['g'] * v.pop('grad_scale') + s.pop('l2') * p
+    state = {k: b for k, b in wide.items() if k not in ('p', 'g')}
     for k, new in update(p * s.pop('p_scale'), g, **state, **s, **v, **consts).items(): bufs[k].copy_(new)
 
 _KERNELS = {}
