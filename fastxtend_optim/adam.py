@@ -15,7 +15,8 @@ from .eightbit import EightBitSpec, eightbit_args
 from .fused import FusedSpec
 
 # %% auto #0
-__all__ = ['ADAM_8BIT', 'ADAM_CHECKS', 'adam_step', 'adam_foreach_step', 'adam_kernel_hypers', 'Adam', 'adam']
+__all__ = ['ADAM_8BIT', 'ADAM_FUSED', 'ADAM_CHECKS', 'adam_step', 'adam_foreach_step', 'adam_kernel_hypers', 'adam_update',
+           'adam_scalars', 'Adam', 'adam']
 
 # %% ../nbs/11_adam.ipynb #5cd0d215
 def adam_step(p:Tensor, grad:Tensor, lr:float, mom:float, sqr_mom:float, eps:float, step:int, grad_avg:Tensor,
@@ -52,6 +53,7 @@ def adam_kernel_hypers(h:dict) -> dict:
 
 ADAM_8BIT = EightBitSpec('adam', adam_kernel_hypers, two_states=True)
 
+# %% ../nbs/11_adam.ipynb #2402469a
 def adam_update(p:Tensor, g:Tensor, grad_avg:Tensor, sqr_avg:Tensor, mom:Tensor, mom_c:Tensor, sqr_mom:Tensor,
                 sqr_mom_c:Tensor, eps:Tensor, step_size:Tensor, debias2:Tensor, max_sqr_avg:Tensor|None=None,
                 **kwargs) -> dict:

@@ -16,8 +16,8 @@ from fastcore.foundation import L
 
 # %% auto #0
 __all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'unit_interval', 'percentile_range', 'check_hypers',
-           'TensorGroup', 'gather_groups', 'init_state', 'weight_decay_', 'percentile_scales', 'clip_by_percentile', 'foreach_chunks',
-           'select_path', 'plain_number', 'FXOptimizer']
+           'TensorGroup', 'gather_groups', 'init_state', 'weight_decay_', 'percentile_scales', 'clip_by_percentile',
+           'foreach_chunks', 'select_path', 'plain_number', 'FXOptimizer']
 
 # %% ../nbs/00_core.ipynb #85b45c8e
 def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool)

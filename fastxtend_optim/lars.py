@@ -14,8 +14,9 @@ from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional
 from .fused import FusedSpec
 
 # %% auto #0
-__all__ = ['LARS_8BIT', 'LARS_CHECKS', 'lars_local_lr', 'unorm_scale', 'lars_damping', 'lars_foreach_step', 'lars_step',
-           'lars_eightbit_group', 'optional_non_negative', 'boolean', 'check_nesterov', 'Lars', 'lars', 'larc']
+__all__ = ['LARS_8BIT', 'LARS_FUSED', 'LARS_CHECKS', 'lars_local_lr', 'unorm_scale', 'lars_damping', 'lars_foreach_step',
+           'lars_step', 'lars_eightbit_group', 'lars_update', 'lars_scalars', 'optional_non_negative', 'boolean',
+           'check_nesterov', 'Lars', 'lars', 'larc']
 
 # %% ../nbs/12_lars.ipynb #e423d29c
 def lars_local_lr(p_norms:Tensor, g_norms:Tensor, lr:float, trust_coeff:float|None, clip:bool, eps:float,
@@ -87,6 +88,7 @@ def lars_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
 
 LARS_8BIT = EightBitSpec('momentum', kernel_wd=None, group_step=lars_eightbit_group)
 
+# %% ../nbs/12_lars.ipynb #b91c69de
 def lars_update(p:Tensor, g:Tensor, grad_avg:Tensor, mom:Tensor, damp:Tensor, neg_local:Tensor, nesterov:bool,
                 **kwargs) -> dict:
     "LARS's update as element-wise math, for the fused kernel; `neg_local` is minus each tensor's learning rate"

@@ -14,7 +14,8 @@ from .eightbit import EightBitSpec, eightbit_args
 from .fused import FusedSpec
 
 # %% auto #0
-__all__ = ['LION_8BIT', 'LION_CHECKS', 'lion_step', 'lion_foreach_step', 'lion_kernel_hypers', 'Lion', 'lion']
+__all__ = ['LION_8BIT', 'LION_FUSED', 'LION_CHECKS', 'lion_step', 'lion_foreach_step', 'lion_kernel_hypers', 'lion_update',
+           'lion_scalars', 'Lion', 'lion']
 
 # %% ../nbs/10_lion.ipynb #3dafe593
 def lion_step(p:Tensor, grad:Tensor, lr:float, beta1:float, beta2:float, grad_avg:Tensor, **kwargs):
@@ -41,6 +42,7 @@ def lion_kernel_hypers(h:dict) -> dict:
 
 LION_8BIT = EightBitSpec('lion', lion_kernel_hypers)
 
+# %% ../nbs/10_lion.ipynb #45891c7e
 def lion_update(p:Tensor, g:Tensor, grad_avg:Tensor, lr:Tensor, beta1:Tensor, beta2_c:Tensor, **kwargs) -> dict:
     "Lion's update as element-wise math, for the fused kernel; `beta2_c` is `1 - beta2`"
     return dict(p=p - lr * torch.lerp(g, grad_avg, beta1).sign(), grad_avg=torch.lerp(grad_avg, g, beta2_c))

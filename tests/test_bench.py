@@ -33,11 +33,12 @@ def test_train_prints_and_writes_the_speedup_table(tmp_path):
     rows = md_rows(md)
     assert set(rows) == {'lion', 'adam'}
     speed = rows['lion'][0]
-    native, foreach, eightbit, speedup = map(float, speed)
-    assert native > 0 and foreach > 0 and eightbit > 0
+    native, foreach, fused, eightbit, speedup, fused_speedup = map(float, speed)
+    assert native > 0 and foreach > 0 and fused > 0 and eightbit > 0
     assert speedup == pytest.approx(native / foreach, rel=2e-3)
+    assert fused_speedup == pytest.approx(native / fused, rel=2e-3)
     runs = rows['lion'][1:]
-    assert [r[0] for r in runs] == ['native', 'foreach', 'eightbit']
+    assert [r[0] for r in runs] == ['native', 'foreach', 'fused', 'eightbit']
     assert all(float(r[1]) > 0.8 for r in runs)  # accuracy after one epoch
     assert (tmp_path / 'fxo-bench' / 'train.png').read_bytes()[:4] == b'\x89PNG'
 
@@ -51,6 +52,8 @@ def test_step_small_prints_ratios_against_peers(tmp_path):
     assert float(rows['fastxtend_optim foreach'][0][1]) == 1.0  # × ForEach of itself
     ms, ratio = float(rows['lion-pytorch'][0][0]), float(rows['lion-pytorch'][0][1])
     assert ratio == pytest.approx(ms / float(rows['fastxtend_optim foreach'][0][0]), rel=0.02)
+    first = float(rows['fastxtend_optim fused'][0][3])  # the fused path's first step compiles: seconds, not ms
+    assert first > 10 * float(rows['fastxtend_optim fused'][0][0]) / 1000
 
 
 @pytest.mark.parametrize('args,message', [
