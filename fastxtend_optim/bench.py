@@ -7,7 +7,7 @@ Docs: https://fastxtend.github.io/fastxtend_optim/bench.html.md"""
 
 # %% ../nbs/31_bench.ipynb #954f44e9
 from __future__ import annotations
-import importlib, importlib.util, math, statistics, sys, time, warnings
+import importlib, importlib.util, math, os, statistics, sys, tempfile, time, warnings
 from pathlib import Path
 from typing import Annotated
 import pandas as pd
@@ -90,7 +90,8 @@ def speedup_table(runs:pd.DataFrame) -> pd.DataFrame:
     table = runs.pivot(index='optimizer', columns='path', values='step_ms').reindex(runs['optimizer'].unique())
     out = pd.DataFrame(index=table.index)
     for path in [p for p in PATHS if p in table]: out[f'{path} step (ms)'] = table[path]
-    if {'native', 'foreach'} <= set(table): out['ForEach speedup'] = table['native'] / table['foreach']
+    for path, label in (('foreach', 'ForEach'), ('fused', 'Fused')):
+        if {'native', path} <= set(table): out[f'{label} speedup'] = table['native'] / table[path]
     return out.rename_axis('optimizer')
 
 # %% ../nbs/31_bench.ipynb #562c60f2
@@ -162,14 +163,15 @@ def copy_bandwidth(device, numel:int=64 * 2**20, rounds:int=10) -> float:
 
 def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3, bandwidth:float|None=None,
                notes:list|None=None) -> pd.DataFrame:
-    "Median `opt.step()` ms of each implementation of optimizer `name`, × our ForEach, × the floor"
+    "Median `opt.step()` ms of each implementation of optimizer `name`, × our ForEach, × the floor, and its first step"
     notes = [] if notes is None else notes
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         opts = {impl: make(synthetic_params(shapes, device))
                 for impl, make in step_implementations(name, paths, notes).items()}
+        first = {impl: _timed_ms(opt.step, device) / 1000 for impl, opt in opts.items()}  # the fused path compiles here
         for opt in opts.values():
-            for _ in range(warmup): opt.step()
+            for _ in range(warmup - 1): opt.step()
         times = {impl: [] for impl in opts}
         for _ in progress_bar(range(rounds), leave=False):
             for impl, opt in opts.items(): times[impl].append(_timed_ms(opt.step, device))
@@ -178,14 +180,15 @@ def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3
     med = pd.Series({impl: statistics.median(ts) for impl, ts in times.items()})
     base = 'fastxtend_optim foreach' if 'fastxtend_optim foreach' in med else med.index[0]
     ratio = '× ForEach' if base == 'fastxtend_optim foreach' else f'× {base}'
-    return pd.DataFrame({'ms': med, ratio: med / med[base], '× floor': med / floor}).rename_axis('implementation')
+    return pd.DataFrame({'ms': med, ratio: med / med[base], '× floor': med / floor,
+                         'first step (s)': pd.Series(first)}).rename_axis('implementation')
 
 # %% ../nbs/31_bench.ipynb #52ca8194
 @call_parse(pos=['mode'])
 def fxo_bench(
     mode:str='train', # `train`: a fastai Learner on bundled digits per optimizer and path; `step`: opt.step() alone vs peers
     opt:Annotated[str, {'nargs': '+'}]=list(OPTIMIZERS), # optimizers: lion adam lars
-    path:Annotated[str, {'nargs': '+'}]=list(PATHS), # paths: native foreach eightbit
+    path:Annotated[str, {'nargs': '+'}]=list(PATHS), # paths: native foreach fused eightbit
     epochs:int=2, # train: epochs per run
     bs:int=64, # train: batch size
     size:str='medium', # step: model size, one of small (0.4M params, 96 tensors), medium (5.5M, 600), large (22M, 600), xl (354M, 600)
@@ -194,8 +197,10 @@ def fxo_bench(
     rounds:int=11, # step: timed steps per implementation
     device:str='auto', # auto (CUDA when present), cpu or cuda[:N]
     out:str='fxo-bench', # folder for the Markdown tables and the PNG plot
+    cold:bool=False, # step: compile the fused path with an empty inductor cache, so its first step is a cold compile
 ):
     "Benchmark fastxtend_optim's optimizers: accuracy and optimizer-step time per path, or opt.step() against peers"
+    if cold: os.environ['TORCHINDUCTOR_CACHE_DIR'] = tempfile.mkdtemp(prefix='fxo-bench-inductor-')
     try: run_bench(mode, opt, path, epochs, bs, size, params, tensors, rounds, device, out)
     except BenchError as e: fail(str(e))
 
@@ -232,8 +237,10 @@ def _step(opts, paths, shapes, rounds, dev, out):
     for name in opts:
         table = step_table(name, shapes, paths, dev, rounds, bandwidth=bandwidth, notes=notes)
         floor = OPTIMIZERS[name]['bytes'] * numel / bandwidth * 1000
+        cache = 'cold' if 'fxo-bench-inductor-' in os.environ.get('TORCHINDUCTOR_CACHE_DIR', '') else 'as found'
         head = (f'{name}: opt.step(), {numel/1e6:.1f}M parameters in {len(shapes)} tensors, median of {rounds}; '
-                f'floor {OPTIMIZERS[name]["bytes"]} B/param / {bandwidth/1e9:.1f} GB/s = {floor:.2f} ms')
+                f'floor {OPTIMIZERS[name]["bytes"]} B/param / {bandwidth/1e9:.1f} GB/s = {floor:.2f} ms; '
+                f'inductor cache {cache}')
         print('\n' + head + '\n' + table.to_string(float_format='%.2f'))
         text.append(f'{head}\n\n{markdown_table(table, digits=2)}')
     for note in dict.fromkeys(notes): print(note)
