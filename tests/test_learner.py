@@ -127,4 +127,4 @@ def test_fused_accuracy_within_001_of_foreach(dls, name):
         quiet_fit(learn, 2, slice(OPTS[name][1] / 10, OPTS[name][1]))
         assert learn.opt.path == path
         accs.append(accuracy(learn))
-    assert abs(accs[0] - accs[1]) <= 0.01 and min(accs) > 0.9
+    assert abs(accs[0] - accs[1]) <= 0.01 and min(accs) > 0.85
