@@ -16,8 +16,8 @@ from fastcore.foundation import L
 
 # %% auto #0
 __all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'unit_interval', 'percentile_range', 'check_hypers',
-           'TensorGroup', 'gather_groups', 'init_state', 'weight_decay_', 'percentile_scales', 'clip_by_percentile',
-           'foreach_chunks', 'select_path', 'plain_number', 'FXOptimizer']
+           'TensorGroup', 'gather_groups', 'init_state', 'weight_decay_', 'percentile_scales', 'scale_grads',
+           'clip_by_percentile', 'foreach_chunks', 'select_path', 'plain_number', 'FXOptimizer']
 
 # %% ../nbs/00_core.ipynb #85b45c8e
 def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool)
@@ -105,10 +105,13 @@ def percentile_scales(grads:list[Tensor], states:list[dict], percentile:float=10
         scales.append(torch.where(n > limit, limit / n, torch.ones_like(n)).to(g.dtype))
     return scales
 
+def scale_grads(grads:list[Tensor], scales:list[Tensor]|None) -> list[Tensor]:
+    "`grads` times `percentile_scales`' factors, as new tensors; `grads` itself when clipping is off"
+    return grads if scales is None else torch._foreach_mul(grads, scales)
+
 def clip_by_percentile(grads:list[Tensor], states:list[dict], percentile:float=100) -> list[Tensor]:
     "Gradients scaled down to the `percentile`-th percentile of their own recent norms"
-    scales = percentile_scales(grads, states, percentile)
-    return grads if scales is None else torch._foreach_mul(grads, scales)
+    return scale_grads(grads, percentile_scales(grads, states, percentile))
 
 # %% ../nbs/00_core.ipynb #c0c3dc7a
 FOREACH_CPU_CHUNK = 2**19
@@ -196,7 +199,7 @@ class FXOptimizer(Optimizer):
             for state in group.states: state['step'] = state.get('step', 0) + 1
             scales = percentile_scales(group.grads, group.states, group.hyper.get('percentile_clipping', 100))
             if self.path == 'fused' and self._fused_step(group, scales): continue
-            grads = group.grads if scales is None else torch._foreach_mul(group.grads, scales)
+            grads = scale_grads(group.grads, scales)
             getattr(self, f'_{self.path}_step')(group, grads)
         return loss
 
