@@ -7,14 +7,14 @@ Docs: https://fastxtend.github.io/fastxtend_optim/fused.html.md"""
 # %% ../nbs/02_fused.ipynb #3d3b1a10
 from __future__ import annotations
 import itertools, math, types, warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'FusedLayout', 'fused_kernel', 'fused_unavailable',
-           'tensor_key', 'group_layout', 'fused_step']
+__all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'stacked_norms', 'own_storage_view', 'FusedLayout', 'fused_kernel',
+           'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step']
 
 # %% ../nbs/02_fused.ipynb #2f9b8bc9
 BLOCK = 256
@@ -34,6 +34,9 @@ class FusedGroup:
     grad_scales: Tensor  # percentile clipping's factor per tensor (ones when off)
     p_scale: float       # decoupled weight decay's factor on the weights (1 when none)
     l2: float            # L2 weight decay added to the gradients (0 when none)
+    layout: FusedLayout|None = None  # the buffers, when the norms can be read from their rows
+    runs: list = field(default_factory=list)  # the layout's member ranges that step
+    members: Tensor|None = None  # each tensor's member index in the layout
 
     def effective_grads(self) -> list[Tensor]:
         "The gradients the update sees: clipped, plus L2 weight decay (new tensors unless both are off)"
@@ -41,9 +44,23 @@ class FusedGroup:
         if not bool((self.grad_scales == 1).all()): grads = torch._foreach_mul(grads, list(self.grad_scales.unbind()))
         return torch._foreach_add(grads, self.params, alpha=self.l2) if self.l2 else grads
 
-# %% ../nbs/02_fused.ipynb #59d4d46c
+    def weight_norms(self) -> Tensor:
+        "Each tensor's fp32 L2 norm after decoupled decay, as one vector"
+        return self._norms('p') * self.p_scale
 
-# %% ../nbs/02_fused.ipynb #fed53d97
+    def grad_norms(self) -> Tensor:
+        "Each tensor's fp32 L2 norm of the gradient the update sees, as one vector"
+        if self.l2: return stacked_norms(self.effective_grads())
+        return self._norms('g') * self.grad_scales
+
+    def _norms(self, key:str) -> Tensor:
+        "Norms of the weights ('p') or raw gradients ('g'): row by row from the layout's buffers, if there is one"
+        if self.layout is None: return stacked_norms(self.params if key == 'p' else self.grads)
+        return self.layout.norms(key, self.runs)[self.members]
+
+def stacked_norms(tensors:list[Tensor]) -> Tensor:
+    "The L2 norm of each tensor, computed in fp32, as one vector"
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
 
 # %% ../nbs/02_fused.ipynb #201add37
 def _blocks(p:Tensor) -> int: return math.ceil(p.numel() / BLOCK)
@@ -65,10 +82,6 @@ def own_storage_view(buf:Tensor, start:int, shape) -> Tensor:
         raw = _CudaBytes(buf, buf.data_ptr() + start * size, numel * size)
         return torch.as_tensor(raw, device=buf.device).view(buf.dtype).view(shape)
     return buf.view(-1)[start:start + numel].view(shape)
-
-# %% ../nbs/02_fused.ipynb #01e60eaf
-
-# %% ../nbs/02_fused.ipynb #2856e326
 
 # %% ../nbs/02_fused.ipynb #43ac4493
 class FusedLayout:
@@ -120,9 +133,14 @@ class FusedLayout:
             else: runs.append([i, i + 1])
         return [tuple(r) for r in runs]
 
-# %% ../nbs/02_fused.ipynb #91dc19b3
-
-# %% ../nbs/02_fused.ipynb #451aaec9
+    def norms(self, key:str, runs:list[tuple[int, int]]) -> Tensor:
+        "fp32 L2 norm of each member in buffer `key`, summed row by row over `runs` (0 for members outside them)"
+        sq = torch.zeros(len(self.params), device=self.bufs[key].device)
+        for a, b in runs:
+            rows = slice(self.starts[a], self.starts[b])
+            row_sq = torch.linalg.vector_norm(self.bufs[key][rows], dim=1, dtype=torch.float32).square()
+            sq.index_add_(0, self.block_member[rows], row_sq)
+        return sq.sqrt()
 
 # %% ../nbs/02_fused.ipynb #bb13eae0
 def _fused_apply(update:Callable, bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor,
@@ -145,10 +163,6 @@ def fused_kernel(update:Callable) -> Callable:
         _KERNELS[update] = torch.compile(fn, dynamic=True)
     return _KERNELS[update]
 
-# %% ../nbs/02_fused.ipynb #869fdf35
-
-# %% ../nbs/02_fused.ipynb #e640f937
-
 # %% ../nbs/02_fused.ipynb #002b069d
 _UNAVAILABLE = {}
 def fused_unavailable(device:torch.device) -> str|None:
@@ -168,10 +182,6 @@ def _compiler_missing(kind:str) -> str|None:
         from torch.utils._triton import has_triton
         return None if has_triton() else 'torch.compile needs Triton on CUDA, and it is not installed'
     return f'torch.compile builds no fused kernels for {kind!r} devices here'
-
-# %% ../nbs/02_fused.ipynb #c4c75a91
-
-# %% ../nbs/02_fused.ipynb #7faca7e3
 
 # %% ../nbs/02_fused.ipynb #afd41db6
 def tensor_key(opt, p:Tensor) -> tuple:
@@ -213,17 +223,18 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None) -> bool:
     wd, decay = h.get('wd', 0.), group.do_wd and h.get('wd', 0.) != 0
     decouple = h.get('decouple_wd', True)
     scales = torch.ones(n, device=device) if grad_scales is None else torch.stack(grad_scales).float()
+    members, runs = torch.tensor([layout.index[id(p)] for p in group.params], device=device), layout.runs(group.params)
     fg = FusedGroup(group.params, [p.grad for p in group.params], group.states, scales,
-                    p_scale=1 - h['lr'] * wd if decay and decouple else 1., l2=wd if decay and not decouple else 0.)
+                    p_scale=1 - h['lr'] * wd if decay and decouple else 1., l2=wd if decay and not decouple else 0.,
+                    layout=layout, runs=runs, members=members)
     named = dict(opt.fused.scalars(h, fg), grad_scale=scales, p_scale=fg.p_scale, l2=fg.l2)
     consts = {k: v for k, v in named.items() if isinstance(v, bool)}
     snames = tuple(k for k, v in named.items() if not isinstance(v, (bool, Tensor)))
     vnames = tuple(k for k, v in named.items() if isinstance(v, Tensor))
-    members = torch.tensor([layout.index[id(p)] for p in group.params], device=device)
     per_member = torch.ones(len(vnames), max(2, len(layout.params)), device=device)  # 2+: no size-1 specialisation
     per_member[:, members] = _pack([named[k] for k in vnames], device, n)
     args = (_pack([float(named[k]) for k in snames], device), snames, per_member, vnames)
-    return _run(opt, layout, args, consts, layout.runs(group.params))
+    return _run(opt, layout, args, consts, runs)
 
 def _run(opt, layout:FusedLayout, args:tuple, consts:dict, runs:list) -> bool:
     update, kernel = opt.fused.update, fused_kernel(opt.fused.update)

@@ -11,21 +11,31 @@ import torch
 from torch import Tensor
 from .core import FXOptimizer, check_hypers, select_path, unit_interval, non_negative, percentile_range
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
-from .fused import FusedSpec
+from .fused import FusedSpec, stacked_norms
 
 # %% auto #0
-__all__ = ['LARS_8BIT', 'LARS_FUSED', 'LARS_CHECKS', 'lars_local_lr', 'unorm_scale', 'lars_damping', 'lars_foreach_step',
-           'lars_step', 'lars_eightbit_group', 'lars_update', 'lars_scalars', 'optional_non_negative', 'boolean',
-           'check_nesterov', 'Lars', 'lars', 'larc']
+__all__ = ['LARS_8BIT', 'LARS_FUSED', 'LARS_CHECKS', 'trust_lr', 'lars_local_lr', 'tensor_lr', 'unorm_scale', 'lars_damping',
+           'lars_foreach_step', 'lars_step', 'lars_eightbit_group', 'lars_update', 'lars_scalars',
+           'optional_non_negative', 'boolean', 'check_nesterov', 'Lars', 'lars', 'larc']
 
 # %% ../nbs/12_lars.ipynb #e423d29c
+def trust_lr(p_norm, g_norm, lr:float, trust_coeff:float, eps:float, wd:float):
+    "fastai `Larc`'s learning rate from a weight norm and a gradient norm (numbers or tensors), before any clip"
+    return lr * trust_coeff * p_norm / (g_norm + p_norm * wd + eps)
+
 def lars_local_lr(p_norms:Tensor, g_norms:Tensor, lr:float, trust_coeff:float|None, clip:bool, eps:float,
                   wd:float) -> Tensor:
-    "Each tensor's learning rate from its weight and gradient norms (stacked), in fastai's `Larc` order"
+    "Each tensor's learning rate from its weight and gradient norms (stacked); `lr` where either norm is zero"
     if trust_coeff is None: return torch.full_like(p_norms, lr)
-    local = lr * trust_coeff * p_norms / (g_norms + p_norms * wd + eps)
+    local = trust_lr(p_norms, g_norms, lr, trust_coeff, eps, wd)
     if clip: local = local.clamp(max=lr)
     return torch.where((p_norms > 0) & (g_norms > 0), local, torch.full_like(local, lr))
+
+def tensor_lr(p_norm:float, g_norm:float, lr:float, trust_coeff:float|None, clip:bool, eps:float, wd:float) -> float:
+    "`lars_local_lr` for one tensor, in Python numbers (the native path)"
+    if trust_coeff is None or p_norm == 0 or g_norm == 0: return lr
+    local = trust_lr(p_norm, g_norm, lr, trust_coeff, eps, wd)
+    return min(local, lr) if clip else local
 
 def unorm_scale(d_norms:Tensor, p_norms:Tensor, max_unorm:float) -> Tensor:
     "Factors that bring each update norm down to at most `max_unorm` times its weight norm"
@@ -37,28 +47,34 @@ def lars_damping(step:int, mom:float, dampening:float) -> float:
     return 1. if step == 1 or mom == 0 else 1. - dampening
 
 # %% ../nbs/12_lars.ipynb #461de7cc
-def _stacked_norms(tensors:list[Tensor]) -> Tensor:
-    "The L2 norm of each tensor, computed in fp32, as one vector"
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-
 def lars_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], lr:float, mom:float,
                       dampening:float, nesterov:bool, trust_coeff:float|None, clip:bool, eps:float, wd:float,
                       max_unorm:float, step:list[int], **kwargs):
     "LARS's update on lists of tensors"
-    p_norms = _stacked_norms(params)
-    local = lars_local_lr(p_norms, _stacked_norms(grads), lr, trust_coeff, clip, eps, wd)
+    p_norms = stacked_norms(params)
+    local = lars_local_lr(p_norms, stacked_norms(grads), lr, trust_coeff, clip, eps, wd)
     torch._foreach_mul_(grad_avg, mom)
     damps = [lars_damping(t, mom, dampening) for t in step]
     if all(dm == 1 for dm in damps): torch._foreach_add_(grad_avg, grads)
     else: torch._foreach_add_(grad_avg, torch._foreach_mul(grads, damps))
     d = torch._foreach_add(grads, grad_avg, alpha=mom) if nesterov else grad_avg
-    if max_unorm > 0: local = local * unorm_scale(_stacked_norms(d), p_norms, max_unorm)
+    if max_unorm > 0: local = local * unorm_scale(stacked_norms(d), p_norms, max_unorm)
     torch._foreach_addcmul_(params, d, list((-local).unbind()))
 
 # %% ../nbs/12_lars.ipynb #3c0b32e7
-def lars_step(p:Tensor, grad:Tensor, grad_avg:Tensor, step:int, **hypers):
-    "LARS's update of `p` with `grad`, one tensor at a time"
-    lars_foreach_step([p], [grad], [grad_avg], step=[step], **hypers)
+def _norm(t:Tensor) -> float: return torch.linalg.vector_norm(t, dtype=torch.float32).item()
+
+def lars_step(p:Tensor, grad:Tensor, grad_avg:Tensor, step:int, lr:float, mom:float, dampening:float, nesterov:bool,
+              trust_coeff:float|None, clip:bool, eps:float, wd:float, max_unorm:float, **kwargs):
+    "LARS's update of `p` with `grad`, one tensor at a time, its scalars in Python numbers as in fastai's `Larc`"
+    p_norm = _norm(p)
+    local = tensor_lr(p_norm, _norm(grad), lr, trust_coeff, clip, eps, wd)
+    grad_avg.mul_(mom).add_(grad, alpha=lars_damping(step, mom, dampening))
+    d = grad.add(grad_avg, alpha=mom) if nesterov else grad_avg
+    if max_unorm > 0:
+        d_norm, limit = _norm(d), p_norm * max_unorm
+        if d_norm > limit: local *= limit / d_norm
+    p.add_(d, alpha=-local)
 
 lars_step.defaults = dict(mom=0.9, dampening=0., nesterov=False, trust_coeff=0.02, clip=False, eps=1e-8,
                           max_unorm=0.)
@@ -74,14 +90,14 @@ def lars_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
     "LARS on bitsandbytes' momentum kernel: trust ratio, dampening, Nesterov and `max_unorm` around it"
     h, params, states = group.hyper, group.params, group.states
     mom, nesterov = h['mom'], h['nesterov']
-    p_norms = _stacked_norms(params)
-    local = lars_local_lr(p_norms, _stacked_norms(grads), h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
+    p_norms = stacked_norms(params)
+    local = lars_local_lr(p_norms, stacked_norms(grads), h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
     damps = [lars_damping(s['step'], mom, h['dampening']) for s in states]
     grads = [g if dm == 1 else g * dm for g, dm in zip(grads, damps)]
     if h['max_unorm'] > 0:
         bufs = [g if s['step'] == 1 else _buffer(s) * mom + g for g, s in zip(grads, states)]
         d = torch._foreach_add(grads, bufs, alpha=mom) if nesterov else bufs
-        local = local * unorm_scale(_stacked_norms(d), p_norms, h['max_unorm'])
+        local = local * unorm_scale(stacked_norms(d), p_norms, h['max_unorm'])
     for p, g, state, lr in zip(params, grads, states, local.tolist()):
         update_tensor(spec, p.data, g, state, lr=lr * mom if nesterov else lr, wd=0., beta1=mom)
         if nesterov: p.data.add_(g, alpha=-lr)
@@ -97,15 +113,15 @@ def lars_update(p:Tensor, g:Tensor, grad_avg:Tensor, mom:Tensor, damp:Tensor, ne
 
 def lars_scalars(h:dict, group) -> dict:
     "Each tensor's learning rate from its norms (of the decayed weights and the gradients the update sees)"
-    mom, grads = h['mom'], group.effective_grads()
-    p_norms = _stacked_norms(group.params) * group.p_scale
-    local = lars_local_lr(p_norms, _stacked_norms(grads), h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
+    mom, p_norms = h['mom'], group.weight_norms()
+    local = lars_local_lr(p_norms, group.grad_norms(), h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
     damps = [lars_damping(s['step'], mom, h['dampening']) for s in group.states]
     if h['max_unorm'] > 0:
+        grads = group.effective_grads()
         bufs = torch._foreach_add(torch._foreach_mul([s['grad_avg'] for s in group.states], mom),
                                   torch._foreach_mul(grads, damps))
         d = torch._foreach_add(grads, bufs, alpha=mom) if h['nesterov'] else bufs
-        local = local * unorm_scale(_stacked_norms(d), p_norms, h['max_unorm'])
+        local = local * unorm_scale(stacked_norms(d), p_norms, h['max_unorm'])
     return dict(mom=mom, damp=torch.tensor(damps), neg_local=-local, nesterov=h['nesterov'])
 
 LARS_FUSED = FusedSpec(lars_update, lars_scalars)
