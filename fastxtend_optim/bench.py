@@ -24,7 +24,7 @@ from .profiler import markdown_table  # also patches `Learner.profile`
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'PATHS', 'SIZES', 'BenchError', 'fail', 'check_choices', 'check_positive', 'resolve_device',
            'check_eightbit', 'train_runs', 'speedup_table', 'model_shapes', 'synthetic_params', 'fastai_lion_step',
-           'step_implementations', 'copy_bandwidth', 'step_table', 'fxo_bench', 'run_bench']
+           'step_implementations', 'FloorCopy', 'step_table', 'fxo_bench', 'run_bench']
 
 # %% ../nbs/31_bench.ipynb #8f60cae0
 OPTIMIZERS = {
@@ -156,15 +156,19 @@ def _timed_ms(fn, device) -> float:
     if device.type == 'cuda': torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1000
 
-def copy_bandwidth(device, numel:int=64 * 2**20, rounds:int=10) -> float:
-    "Bytes per second of a large copy on `device` (read plus write)"
-    src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
-    return 2 * 4 * numel / (statistics.median(_timed_ms(lambda: dst.copy_(src), device) for _ in range(rounds)) / 1000)
+class FloorCopy:
+    "A copy that moves `nbytes` (read plus write), timed beside the steps; at most `cap` fp32 elements, scaled up"
+    def __init__(self, nbytes:float, device, cap:int=64 * 2**20):
+        self.numel = min(cap, max(1, round(nbytes / 8)))
+        self.scale = nbytes / (8 * self.numel)
+        self.src, self.dst = torch.randn(self.numel, device=device), torch.empty(self.numel, device=device)
+    def __call__(self): self.dst.copy_(self.src)
 
-def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3, bandwidth:float|None=None,
+def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3,
                notes:list|None=None) -> pd.DataFrame:
     "Median `opt.step()` ms of each implementation of optimizer `name`, × our ForEach, × the floor, and its first step"
-    notes = [] if notes is None else notes
+    notes, numel = [] if notes is None else notes, sum(math.prod(s) for s in shapes)
+    floor_copy = FloorCopy(OPTIMIZERS[name]['bytes'] * numel, device)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         opts = {impl: make(synthetic_params(shapes, device))
@@ -172,16 +176,18 @@ def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3
         first = {impl: _timed_ms(opt.step, device) / 1000 for impl, opt in opts.items()}  # the fused path compiles here
         for opt in opts.values():
             for _ in range(warmup - 1): opt.step()
-        times = {impl: [] for impl in opts}
-        for _ in progress_bar(range(rounds), leave=False):
+        times = {impl: [] for impl in [*opts, 'floor']}
+        for _ in progress_bar(range(rounds), leave=False):  # the floor copy takes its turn in every round
             for impl, opt in opts.items(): times[impl].append(_timed_ms(opt.step, device))
-    numel = sum(math.prod(s) for s in shapes)
-    floor = OPTIMIZERS[name]['bytes'] * numel / (bandwidth or copy_bandwidth(device)) * 1000
+            times['floor'].append(_timed_ms(floor_copy, device) * floor_copy.scale)
     med = pd.Series({impl: statistics.median(ts) for impl, ts in times.items()})
+    floor = med.pop('floor')
     base = 'fastxtend_optim foreach' if 'fastxtend_optim foreach' in med else med.index[0]
     ratio = '× ForEach' if base == 'fastxtend_optim foreach' else f'× {base}'
-    return pd.DataFrame({'ms': med, ratio: med / med[base], '× floor': med / floor,
-                         'first step (s)': pd.Series(first)}).rename_axis('implementation')
+    table = pd.DataFrame({'ms': med, ratio: med / med[base], '× floor': med / floor,
+                          'first step (s)': pd.Series(first)}).rename_axis('implementation')
+    table.attrs.update(floor_ms=floor, bandwidth=OPTIMIZERS[name]['bytes'] * numel / floor * 1000)
+    return table
 
 # %% ../nbs/31_bench.ipynb #52ca8194
 @call_parse(pos=['mode'])
@@ -232,11 +238,11 @@ def _train(opts, paths, epochs, bs, dev, out):
     print(f'\nwrote {out / "train.md"} and {out / "train.png"}')
 
 def _step(opts, paths, shapes, rounds, dev, out):
-    notes, bandwidth, text = [], copy_bandwidth(dev), []
+    notes, text = [], []
     numel = sum(math.prod(s) for s in shapes)
     for name in opts:
-        table = step_table(name, shapes, paths, dev, rounds, bandwidth=bandwidth, notes=notes)
-        floor = OPTIMIZERS[name]['bytes'] * numel / bandwidth * 1000
+        table = step_table(name, shapes, paths, dev, rounds, notes=notes)
+        floor, bandwidth = table.attrs['floor_ms'], table.attrs['bandwidth']
         cache = 'cold' if 'fxo-bench-inductor-' in os.environ.get('TORCHINDUCTOR_CACHE_DIR', '') else 'as found'
         head = (f'{name}: opt.step(), {numel/1e6:.1f}M parameters in {len(shapes)} tensors, median of {rounds}; '
                 f'floor {OPTIMIZERS[name]["bytes"]} B/param / {bandwidth/1e9:.1f} GB/s = {floor:.2f} ms; '

@@ -63,11 +63,13 @@ def gather_groups(opt:Optimizer) -> list[TensorGroup]:
     for i, (params, hyper) in enumerate(zip(opt.param_lists, opt.hypers)):
         by_key = {}
         for p in params:
-            if p.grad is None: continue
+            grad = p.grad
+            if grad is None: continue
             state = opt.state[p]
             key = (i, p.device, p.dtype, state.get('do_wd', True))
-            group = by_key.setdefault(key, TensorGroup(hyper, key[3], key))
-            group.params.append(p); group.grads.append(p.grad); group.states.append(state)
+            group = by_key.get(key)
+            if group is None: group = by_key[key] = TensorGroup(hyper, key[3], key)
+            group.params.append(p); group.grads.append(grad); group.states.append(state)
         groups += by_key.values()
     return groups
 

@@ -6,14 +6,14 @@ Docs: https://fastxtend.github.io/fastxtend_optim/fused.html.md"""
 
 # %% ../nbs/02_fused.ipynb #3d3b1a10
 from __future__ import annotations
-import itertools, math, types, warnings
+import itertools, math, operator, types, warnings
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'stacked_norms', 'own_storage_view', 'FusedLayout', 'fused_kernel',
+__all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'stacked_norms', 'own_storage_view', 'Placement', 'FusedLayout', 'fused_kernel',
            'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step']
 
 # %% ../nbs/02_fused.ipynb #2f9b8bc9
@@ -84,10 +84,23 @@ def own_storage_view(buf:Tensor, start:int, shape) -> Tensor:
     return buf.view(-1)[start:start + numel].view(shape)
 
 # %% ../nbs/02_fused.ipynb #43ac4493
+@dataclass
+class Placement:
+    "Where one step's tensors sit in a layout: member indices (as a list and a tensor), runs, and views per buffer"
+    params: list[Tensor]
+    index: list[int]
+    members: Tensor
+    runs: list[tuple[int, int]]
+    views: dict
+
+    def same(self, params:list[Tensor]) -> bool:
+        "Whether `params` are these tensors, in this order"
+        return len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+
 class FusedLayout:
     "One tensor group's weights, gradients and state in `(blocks, BLOCK)` buffers; each tensor is a view of its rows"
     def __init__(self, params:list[Tensor], states:list[dict], state_keys:tuple):
-        self.params, self.state_keys = list(params), tuple(state_keys)
+        self.params, self.state_keys, self._placed = list(params), tuple(state_keys), None
         self.index = {id(p): i for i, p in enumerate(self.params)}
         counts = [_blocks(p) for p in self.params]
         self.starts = [0, *itertools.accumulate(counts)]
@@ -123,7 +136,23 @@ class FusedLayout:
 
     def holds(self, params:list[Tensor]) -> bool:
         "Whether every tensor of `params` is a member and every member's weights still view the buffer"
-        return all(id(p) in self.index for p in params) and all(p.data_ptr() == q for p, q in zip(self.params, self.ptrs))
+        known = (self._placed is not None and self._placed.same(params)) or all(id(p) in self.index for p in params)
+        return known and list(map(Tensor.data_ptr, self.params)) == self.ptrs
+
+    def place(self, params:list[Tensor]) -> Placement:
+        "Where `params` sit; remembered while the same tensors step in the same order"
+        if self._placed is None or not self._placed.same(params):
+            index = [self.index[id(p)] for p in params]
+            self._placed = Placement(list(params), index, torch.tensor(index, device=self.block_member.device),
+                                     self.runs(params), {k: [v[i] for i in index] for k, v in self.views.items()})
+        return self._placed
+
+    def sync_all(self, place:Placement, grads:list[Tensor], states:list[dict]):
+        "`sync` each member of `place`, unless every gradient and state already is its view (identity checks in bulk)"
+        views = place.views
+        if all(map(operator.is_, grads, views['g'])) and \
+           all(all(map(operator.is_, [s.get(k) for s in states], views[k])) for k in self.state_keys): return
+        for i, p, s in zip(place.index, place.params, states): self.sync(i, p, s)
 
     def runs(self, params:list[Tensor]) -> list[tuple[int, int]]:
         "Member index ranges `[a, b)` of consecutive members in `params` (in member order)"
@@ -218,23 +247,23 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None) -> bool:
     device = group.params[0].device
     if fused_unavailable(device) is not None: return False
     layout = group_layout(opt, group)
-    for p, s in zip(group.params, group.states): layout.sync(layout.index[id(p)], p, s)
+    place = layout.place(group.params)
+    layout.sync_all(place, group.grads, group.states)
     h, n = group.hyper, len(group.params)
     wd, decay = h.get('wd', 0.), group.do_wd and h.get('wd', 0.) != 0
     decouple = h.get('decouple_wd', True)
     scales = torch.ones(n, device=device) if grad_scales is None else torch.stack(grad_scales).float()
-    members, runs = torch.tensor([layout.index[id(p)] for p in group.params], device=device), layout.runs(group.params)
-    fg = FusedGroup(group.params, [p.grad for p in group.params], group.states, scales,
+    fg = FusedGroup(group.params, place.views['g'], group.states, scales,
                     p_scale=1 - h['lr'] * wd if decay and decouple else 1., l2=wd if decay and not decouple else 0.,
-                    layout=layout, runs=runs, members=members)
+                    layout=layout, runs=place.runs, members=place.members)
     named = dict(opt.fused.scalars(h, fg), grad_scale=scales, p_scale=fg.p_scale, l2=fg.l2)
     consts = {k: v for k, v in named.items() if isinstance(v, bool)}
     snames = tuple(k for k, v in named.items() if not isinstance(v, (bool, Tensor)))
     vnames = tuple(k for k, v in named.items() if isinstance(v, Tensor))
     per_member = torch.ones(len(vnames), max(2, len(layout.params)), device=device)  # 2+: no size-1 specialisation
-    per_member[:, members] = _pack([named[k] for k in vnames], device, n)
+    per_member[:, place.members] = _pack([named[k] for k in vnames], device, n)
     args = (_pack([float(named[k]) for k in snames], device), snames, per_member, vnames)
-    return _run(opt, layout, args, consts, runs)
+    return _run(opt, layout, args, consts, place.runs)
 
 def _run(opt, layout:FusedLayout, args:tuple, consts:dict, runs:list) -> bool:
     update, kernel = opt.fused.update, fused_kernel(opt.fused.update)
