@@ -34,7 +34,7 @@ class FusedGroup:
     grad_scales: Tensor  # percentile clipping's factor per tensor (ones when off)
     p_scale: float       # decoupled weight decay's factor on the weights (1 when none)
     l2: float            # L2 weight decay added to the gradients (0 when none)
-    layout: FusedLayout|None = None  # the buffers, when the norms can be read from their rows
+    layout: object = None  # the group's `FusedLayout`, when norms can be read from its rows (defined below)
     runs: list = field(default_factory=list)  # the layout's member ranges that step
     members: Tensor|None = None  # each tensor's member index in the layout
 
