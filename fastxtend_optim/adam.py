@@ -79,7 +79,7 @@ def _adam_args(foreach, eightbit, fused, amsgrad, eightbitargs) -> tuple:
     if not isinstance(amsgrad, bool): raise ValueError(f"`amsgrad` must be a bool, got {amsgrad!r}")
     if amsgrad and eightbit:
         raise ValueError("`amsgrad=True` is not available with `eightbit=True`: bitsandbytes' Adam kernels have no AMSGrad")
-    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, **eightbitargs)
+    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, ADAM_CHECKS, **eightbitargs)
 
 def Adam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0.01, decouple_wd:bool=True,
          amsgrad:bool=False, foreach:bool|None=None, fused:bool=False, eightbit:bool=False,
@@ -88,9 +88,9 @@ def Adam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd
     path, args = _adam_args(foreach, eightbit, fused, amsgrad, eightbitargs)
     keys = ('grad_avg', 'sqr_avg', 'max_sqr_avg') if amsgrad else ('grad_avg', 'sqr_avg')
     return FXOptimizer(params, [partial(adam_step, amsgrad=amsgrad)], partial(adam_foreach_step, amsgrad=amsgrad),
-                       state_keys=keys, path=path, checks=ADAM_CHECKS, eightbit=ADAM_8BIT, eightbit_args=args, fused=ADAM_FUSED,
-                       lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd,
-                       percentile_clipping=percentile_clipping)
+                       state_keys=keys, path=path, checks=ADAM_CHECKS, eightbit=ADAM_8BIT, eightbit_args=args,
+                       fused=ADAM_FUSED, complex_ok=True, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
+                       decouple_wd=decouple_wd, percentile_clipping=percentile_clipping)
 
 # %% ../nbs/11_adam.ipynb #452888eb
 def adam(mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0.01, decouple_wd:bool=True, amsgrad:bool=False,

@@ -16,15 +16,16 @@ from fastcore.foundation import L
 
 # %% auto #0
 __all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'unit_interval', 'percentile_range', 'check_hypers',
-           'TensorGroup', 'gather_groups', 'init_state', 'weight_decay_', 'percentile_scales', 'scale_grads',
-           'clip_by_percentile', 'foreach_chunks', 'select_path', 'plain_number', 'FXOptimizer']
+           'our_keywords', 'refuse_foreign_keywords', 'TensorGroup', 'gather_groups', 'init_state', 'weight_decay_',
+           'percentile_scales', 'scale_grads', 'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params',
+           'plain_number', 'FXOptimizer']
 
 # %% ../nbs/00_core.ipynb #85b45c8e
-def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool)
+def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 def non_negative(name:str, v):
-    "Raise unless `v` is a number >= 0"
-    if not (_is_number(v) and v >= 0): raise ValueError(f"`{name}` must be a number >= 0, got {v!r}")
+    "Raise unless `v` is a finite number >= 0"
+    if not (_is_number(v) and v >= 0): raise ValueError(f"`{name}` must be a finite number >= 0, got {v!r}")
 
 def unit_interval(name:str, v):
     "Raise unless `v` is in [0, 1)"
@@ -37,7 +38,7 @@ def percentile_range(name:str, v):
 def _values(v) -> list:
     "The numbers in a hyper value: a number, a `slice`, or one per param group (list, tuple, array)"
     if isinstance(v, slice): return [o for o in (v.start, v.stop) if o is not None]
-    return list(v) if hasattr(v, '__iter__') else [v]
+    return list(v) if hasattr(v, '__iter__') and not isinstance(v, (str, bytes)) else [v]
 
 def check_hypers(checks:dict, **hypers):
     "Run `checks[name]` on each hyper that has one; `lr` and `wd` are always checked"
@@ -45,6 +46,22 @@ def check_hypers(checks:dict, **hypers):
         check = checks.get(name, non_negative if name in ('lr', 'wd') else None)
         if check is not None:
             for v_ in _values(v): check(name, v_)
+
+def our_keywords(name:str, hyper_names) -> list[str]|None:
+    "Our keywords for torch's or bitsandbytes' keyword `name`, for an optimizer with `hyper_names`; `None` if none"
+    names = set(hyper_names)
+    if name == 'weight_decay': return ['wd']
+    if name == 'momentum': return ['mom']
+    if name == 'betas': return ['beta1', 'beta2'] if 'beta1' in names else ['mom', 'sqr_mom']
+    if name == 'alpha' and 'sqr_mom' in names: return ['sqr_mom']  # torch's RMSprop smoothing constant
+    if name in ('beta1', 'beta2') and 'mom' in names: return ['mom' if name == 'beta1' else 'sqr_mom']
+    return None
+
+def refuse_foreign_keywords(keywords, hyper_names):
+    "Raise a TypeError that names our keyword for the first of `keywords` that is torch's or bitsandbytes' name"
+    for name in keywords:
+        ours = our_keywords(name, hyper_names)
+        if ours: raise TypeError(f"`{name}` is bitsandbytes'/torch's name: pass {', '.join(f'`{o}=`' for o in ours)}")
 
 # %% ../nbs/00_core.ipynb #b346413e
 @dataclass
@@ -62,10 +79,13 @@ def gather_groups(opt:Optimizer) -> list[TensorGroup]:
     groups = []
     for i, (params, hyper) in enumerate(zip(opt.param_lists, opt.hypers)):
         by_key = {}
-        for p in params:
+        for j, p in enumerate(params):
             grad = p.grad
             if grad is None: continue
+            if grad.is_sparse: raise RuntimeError(f"parameter {j} of param group {i} has a sparse gradient: "
+                                                  "sparse gradients are not supported")
             state = opt.state[p]
+            if p.is_complex(): p, grad = torch.view_as_real(p), torch.view_as_real(grad)  # (..., 2) real views
             key = (i, p.device, p.dtype, state.get('do_wd', True))
             group = by_key.get(key)
             if group is None: group = by_key[key] = TensorGroup(hyper, key[3], key)
@@ -146,6 +166,19 @@ def select_path(foreach:bool|None=None, eightbit:bool=False, fused:bool=False) -
     return 'native' if foreach is False else 'foreach'
 
 # %% ../nbs/00_core.ipynb #b8a3269d
+def check_params(param_lists, complex_ok:bool, path:str):
+    "Refuse what no path can step: non-tensors, non-leaf tensors, a parameter given twice, unsupported complex ones"
+    seen = {}
+    for i, params in enumerate(param_lists):
+        for j, p in enumerate(params):
+            where = f"parameter {j} of param group {i}"
+            if not isinstance(p, Tensor): raise TypeError(f"{where} is a {type(p).__name__}, not a tensor")
+            if not p.is_leaf: raise ValueError(f"{where} is not a leaf tensor: optimize the tensor it is computed from")
+            if id(p) in seen: raise ValueError(f"{where} is {seen[id(p)]} again: each parameter may appear only once")
+            if p.is_complex() and not complex_ok:
+                raise ValueError(f"{where} is complex, which this optimizer does not support on the {path!r} path")
+            seen[id(p)] = where
+
 def plain_number(v):
     "A numpy scalar (fastai's schedulers set hypers to `np.float64`) as a Python number; anything else as is"
     return v.item() if hasattr(v, 'item') and getattr(v, 'ndim', None) == 0 and not isinstance(v, Tensor) else v
@@ -155,7 +188,7 @@ class FXOptimizer(Optimizer):
     "A fastai `Optimizer` that steps on the native, ForEach or 8-bit path"
     def __init__(self, params, steppers:list[Callable], foreach_step:Callable, state_keys:tuple=(),
                  path:str='foreach', checks:dict|None=None, group_check:Callable|None=None, eightbit=None,
-                 eightbit_args=None, fused=None, **defaults):
+                 eightbit_args=None, fused=None, complex_ok:bool=False, **defaults):
         if path not in PATHS: raise ValueError(f"`path` must be one of {PATHS}, got {path!r}")
         if path == 'eightbit' and eightbit is None: raise ValueError("this optimizer has no 8-bit path")
         if path == 'fused' and fused is None: raise ValueError("this optimizer has no fused path")
@@ -166,6 +199,7 @@ class FXOptimizer(Optimizer):
         check_hypers(self.checks, **defaults)
         if group_check is not None: group_check(defaults)
         super().__init__(params, steppers, **defaults)
+        check_params(self.param_lists, complex_ok and path != 'fused', path)
         self.foreach_step, self.state_keys, self.path = foreach_step, tuple(state_keys), path
         self.eightbit, self.eightbit_args, self.fused = eightbit, eightbit_args, fused
 
@@ -254,7 +288,19 @@ class FXOptimizer(Optimizer):
         foreign = self._foreign_state_keys(sd['state'])
         if foreign: raise ValueError(f"this optimizer is on the {self.path!r} path and cannot use the saved state "
                                      f"keys {sorted(foreign)}: load the checkpoint on the path that saved it")
+        for h in sd['hypers']: check_hypers(self.checks, **h)
+        self._check_state_shapes(sd['state'])
         super().load_state_dict({'state': sd['state'], 'hypers': L(dict(h) for h in sd['hypers'])})
+
+    def _check_state_shapes(self, states):
+        "Refuse saved state whose tensors are not shaped like their parameters (as real views for complex ones)"
+        params = [p for p, *_ in self.all_params()]
+        for i, (p, s) in enumerate(zip(params, states)):
+            shape = torch.view_as_real(p).shape if p.is_complex() else p.shape
+            for k in self.state_keys:
+                if k in s and isinstance(s[k], Tensor) and s[k].shape != shape:
+                    raise ValueError(f"saved state {k!r} of parameter {i} has shape {tuple(s[k].shape)}, "
+                                     f"the parameter {tuple(shape)}")
 
     def _foreign_state_keys(self, states) -> set:
         from fastxtend_optim.eightbit import EIGHTBIT_STATE_KEYS

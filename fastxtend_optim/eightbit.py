@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 import torch
 from torch import Tensor
-from .core import TensorGroup, weight_decay_
+from .core import TensorGroup, weight_decay_, refuse_foreign_keywords
 
 # %% auto #0
 __all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'bnb_functional', 'EightBitSpec', 'EightBitArgs',
@@ -56,9 +56,10 @@ class EightBitArgs:
         if not isinstance(self.is_paged, bool): raise ValueError(f"`is_paged` must be a bool, got {self.is_paged!r}")
 
 # %% ../nbs/01_eightbit.ipynb #80e0d941
-def eightbit_args(eightbit:bool, **kwargs) -> EightBitArgs|None:
+def eightbit_args(eightbit:bool, hyper_names=(), **kwargs) -> EightBitArgs|None:
     "Checked `EightBitArgs` from the optimizer's `**eightbitargs`, or `None` off the 8-bit path"
     unknown = set(kwargs) - set(EightBitArgs.__dataclass_fields__)
+    refuse_foreign_keywords(sorted(unknown), hyper_names)
     if unknown: raise TypeError(f"unexpected keyword arguments {sorted(unknown)}; the 8-bit options are "
                                 f"{sorted(EightBitArgs.__dataclass_fields__)} and `percentile_clipping`")
     args = EightBitArgs(**kwargs)

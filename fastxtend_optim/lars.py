@@ -147,7 +147,7 @@ def check_nesterov(hypers:dict):
 def _lars_args(foreach, eightbit, fused, hypers, eightbitargs) -> tuple:
     "The path and 8-bit options, checked, and torch's rule for Nesterov"
     check_nesterov(hypers)
-    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, **eightbitargs)
+    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, LARS_CHECKS, **eightbitargs)
 
 # %% ../nbs/12_lars.ipynb #b2cbc309
 def Lars(params, lr:float, mom:float=0.9, dampening:float=0., nesterov:bool=False, trust_coeff:float|None=0.02,

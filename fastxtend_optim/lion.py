@@ -59,7 +59,7 @@ def Lion(params, lr:float, beta1:float=0.9, beta2:float=0.99, wd:float=0.1, fore
          fused:bool=False, eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for Lion on the native, ForEach (`foreach`), `fused` or bitsandbytes (`eightbit`) path"
     path = select_path(foreach, eightbit, fused)
-    args = eightbit_args(eightbit, **eightbitargs)
+    args = eightbit_args(eightbit, LION_CHECKS, **eightbitargs)
     return FXOptimizer(params, [lion_step], lion_foreach_step, state_keys=('grad_avg',), path=path,
                        checks=LION_CHECKS, eightbit=LION_8BIT, eightbit_args=args, fused=LION_FUSED, lr=lr, beta1=beta1,
                        beta2=beta2, wd=wd, percentile_clipping=percentile_clipping)
@@ -70,6 +70,6 @@ def lion(beta1:float=0.9, beta2:float=0.99, wd:float=0.1, foreach:bool|None=None
     "A partial of `Lion` for `Learner(opt_func=...)`; checks its arguments now"
     check_hypers(LION_CHECKS, beta1=beta1, beta2=beta2, wd=wd, percentile_clipping=percentile_clipping)
     select_path(foreach, eightbit, fused)
-    eightbit_args(eightbit, **eightbitargs)
+    eightbit_args(eightbit, LION_CHECKS, **eightbitargs)
     return partial(Lion, beta1=beta1, beta2=beta2, wd=wd, foreach=foreach, fused=fused, eightbit=eightbit,
                    percentile_clipping=percentile_clipping, **eightbitargs)
