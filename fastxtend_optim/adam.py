@@ -10,13 +10,13 @@ from functools import partial
 import torch
 from torch import Tensor
 from fastai.optimizer import debias
-from .core import FXOptimizer, check_hypers, select_path, unit_interval, non_negative, percentile_range
+from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range
 from .eightbit import EightBitSpec, eightbit_args
 from .fused import FusedSpec
 
 # %% auto #0
-__all__ = ['ADAM_8BIT', 'ADAM_FUSED', 'ADAM_CHECKS', 'adam_step', 'adam_foreach_step', 'adam_kernel_hypers', 'adam_update',
-           'adam_scalars', 'Adam', 'adam']
+__all__ = ['ADAM_8BIT', 'ADAM_FUSED', 'ADAM_CHECKS', 'adam', 'adam_step', 'adam_foreach_step', 'adam_kernel_hypers',
+           'adam_update', 'adam_scalars', 'Adam']
 
 # %% ../nbs/11_adam.ipynb #5cd0d215
 def adam_step(p:Tensor, grad:Tensor, lr:float, mom:float, sqr_mom:float, eps:float, step:int, grad_avg:Tensor,
@@ -93,11 +93,4 @@ def Adam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd
                        decouple_wd=decouple_wd, percentile_clipping=percentile_clipping)
 
 # %% ../nbs/11_adam.ipynb #452888eb
-def adam(mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0.01, decouple_wd:bool=True, amsgrad:bool=False,
-         foreach:bool|None=None, fused:bool=False, eightbit:bool=False, percentile_clipping:float=100,
-         **eightbitargs) -> partial:
-    "A partial of `Adam` for `Learner(opt_func=...)`; checks its arguments now"
-    check_hypers(ADAM_CHECKS, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, percentile_clipping=percentile_clipping)
-    _adam_args(foreach, eightbit, fused, amsgrad, eightbitargs)
-    return partial(Adam, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd, amsgrad=amsgrad,
-                   foreach=foreach, fused=fused, eightbit=eightbit, percentile_clipping=percentile_clipping, **eightbitargs)
+adam = opt_partial(Adam)

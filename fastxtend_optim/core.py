@@ -6,7 +6,8 @@ Docs: https://fastxtend.github.io/fastxtend_optim/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #2fe86036
 from __future__ import annotations
-import math, numbers, warnings
+import inspect, math, numbers, warnings
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
@@ -18,7 +19,7 @@ from fastcore.foundation import L
 __all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'unit_interval', 'percentile_range', 'check_hypers',
            'our_keywords', 'refuse_foreign_keywords', 'TensorGroup', 'gather_groups', 'init_state', 'weight_decay_',
            'percentile_scales', 'scale_grads', 'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params',
-           'plain_number', 'FXOptimizer']
+           'plain_number', 'FXOptimizer', 'opt_partial']
 
 # %% ../nbs/00_core.ipynb #85b45c8e
 def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -307,3 +308,18 @@ class FXOptimizer(Optimizer):
         saved = set().union(*(s.keys() for s in states))
         if self.path == 'eightbit': return saved & set(self.state_keys)
         return saved & EIGHTBIT_STATE_KEYS
+
+# %% ../nbs/00_core.ipynb #c0f1a7e2
+def opt_partial(factory:Callable) -> Callable:
+    "The lowercase partial of optimizer `factory` for `Learner(opt_func=...)`: its keywords, checked at once"
+    def make(**kwargs) -> partial:
+        factory([torch.zeros(1, requires_grad=True)], lr=0., **kwargs)  # every check the optimizer makes, now
+        return partial(factory, **kwargs)
+    sig = inspect.signature(factory)
+    keep = [p.replace(kind=p.KEYWORD_ONLY) if p.kind != p.VAR_KEYWORD else p
+            for n, p in sig.parameters.items() if n not in ('params', 'lr')]
+    make.__signature__ = sig.replace(parameters=keep, return_annotation=partial)
+    make.__name__ = make.__qualname__ = factory.__name__.lower()
+    make.__module__ = factory.__module__
+    make.__doc__ = f"A partial of `{factory.__name__}` for `Learner(opt_func=...)`; checks its arguments now"
+    return make

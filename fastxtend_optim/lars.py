@@ -9,14 +9,14 @@ from __future__ import annotations
 from functools import partial
 import torch
 from torch import Tensor
-from .core import FXOptimizer, check_hypers, select_path, unit_interval, non_negative, percentile_range
+from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec, stacked_norms
 
 # %% auto #0
-__all__ = ['LARS_8BIT', 'LARS_FUSED', 'LARS_CHECKS', 'trust_lr', 'lars_local_lr', 'tensor_lr', 'unorm_scale', 'lars_damping',
-           'lars_foreach_step', 'lars_step', 'lars_eightbit_group', 'lars_update', 'lars_scalars',
-           'optional_non_negative', 'boolean', 'check_nesterov', 'Lars', 'lars', 'larc']
+__all__ = ['LARS_8BIT', 'LARS_FUSED', 'LARS_CHECKS', 'lars', 'trust_lr', 'lars_local_lr', 'tensor_lr', 'unorm_scale',
+           'lars_damping', 'lars_foreach_step', 'lars_step', 'lars_eightbit_group', 'lars_update', 'lars_scalars',
+           'optional_non_negative', 'boolean', 'check_nesterov', 'Lars', 'larc']
 
 # %% ../nbs/12_lars.ipynb #e423d29c
 def trust_lr(p_norm, g_norm, lr:float, trust_coeff:float, eps:float, wd:float):
@@ -162,15 +162,7 @@ def Lars(params, lr:float, mom:float=0.9, dampening:float=0., nesterov:bool=Fals
                        checks=LARS_CHECKS, group_check=check_nesterov, eightbit=LARS_8BIT, eightbit_args=args,
                        fused=LARS_FUSED, lr=lr, **hypers)
 
-def lars(mom:float=0.9, dampening:float=0., nesterov:bool=False, trust_coeff:float|None=0.02, clip:bool=False,
-         eps:float=1e-8, wd:float=0., decouple_wd:bool=True, max_unorm:float=0., foreach:bool|None=None,
-         fused:bool=False, eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> partial:
-    "A partial of `Lars` for `Learner(opt_func=...)`; checks its arguments now"
-    hypers = dict(mom=mom, dampening=dampening, nesterov=nesterov, trust_coeff=trust_coeff, clip=clip, eps=eps, wd=wd,
-                  decouple_wd=decouple_wd, max_unorm=max_unorm, percentile_clipping=percentile_clipping)
-    check_hypers(LARS_CHECKS, **hypers)
-    _lars_args(foreach, eightbit, fused, hypers, eightbitargs)
-    return partial(Lars, foreach=foreach, fused=fused, eightbit=eightbit, **hypers, **eightbitargs)
+lars = opt_partial(Lars)
 
 def larc(clip:bool=True, **kwargs) -> partial:
     "`lars` with the trust ratio capped at `lr` (LARC)"

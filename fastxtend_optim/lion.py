@@ -6,16 +6,15 @@ Docs: https://fastxtend.github.io/fastxtend_optim/lion.html.md"""
 
 # %% ../nbs/10_lion.ipynb #00de6e31
 from __future__ import annotations
-from functools import partial
 import torch
 from torch import Tensor
-from .core import FXOptimizer, check_hypers, select_path, unit_interval, percentile_range
+from .core import opt_partial, FXOptimizer, select_path, unit_interval, percentile_range
 from .eightbit import EightBitSpec, eightbit_args
 from .fused import FusedSpec
 
 # %% auto #0
-__all__ = ['LION_8BIT', 'LION_FUSED', 'LION_CHECKS', 'lion_step', 'lion_foreach_step', 'lion_kernel_hypers', 'lion_update',
-           'lion_scalars', 'Lion', 'lion']
+__all__ = ['LION_8BIT', 'LION_FUSED', 'LION_CHECKS', 'lion', 'lion_step', 'lion_foreach_step', 'lion_kernel_hypers',
+           'lion_update', 'lion_scalars', 'Lion']
 
 # %% ../nbs/10_lion.ipynb #3dafe593
 def lion_step(p:Tensor, grad:Tensor, lr:float, beta1:float, beta2:float, grad_avg:Tensor, **kwargs):
@@ -65,11 +64,4 @@ def Lion(params, lr:float, beta1:float=0.9, beta2:float=0.99, wd:float=0.1, fore
                        beta2=beta2, wd=wd, percentile_clipping=percentile_clipping)
 
 # %% ../nbs/10_lion.ipynb #17c304de
-def lion(beta1:float=0.9, beta2:float=0.99, wd:float=0.1, foreach:bool|None=None, fused:bool=False,
-         eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> partial:
-    "A partial of `Lion` for `Learner(opt_func=...)`; checks its arguments now"
-    check_hypers(LION_CHECKS, beta1=beta1, beta2=beta2, wd=wd, percentile_clipping=percentile_clipping)
-    select_path(foreach, eightbit, fused)
-    eightbit_args(eightbit, LION_CHECKS, **eightbitargs)
-    return partial(Lion, beta1=beta1, beta2=beta2, wd=wd, foreach=foreach, fused=fused, eightbit=eightbit,
-                   percentile_clipping=percentile_clipping, **eightbitargs)
+lion = opt_partial(Lion)
