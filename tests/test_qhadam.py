@@ -1,0 +1,95 @@
+"QHAdam against fastai's QHAdam on every path, and checkpoints across paths."
+import pytest
+import torch
+import fastai.optimizer as fastai_optim
+from fastxtend_optim.qhadam import QHAdam, qhadam
+from conftest import make_params, set_grads, run, roundtrip, assert_close_lists, fx_groups, LRS
+
+WD = 0.05
+PATHS = ('native', 'foreach', 'fused')
+KWARGS = [dict(), dict(decouple_wd=False), dict(nu_1=0.4, nu_2=0.6, mom=0.9, sqr_mom=0.99),
+          dict(nu_1=1., nu_2=0.2, decouple_wd=False, eps=1e-6)]
+
+
+def fx_qhadam(params, path, **kwargs):
+    return fx_groups(QHAdam, params, path, **{'wd': WD, **kwargs})
+
+
+def fastai_qhadam(params, **kwargs):
+    return fx_groups(fastai_optim.QHAdam, params, None, **{'wd': WD, **kwargs})
+
+
+@pytest.mark.parametrize('kwargs', KWARGS)
+def test_native_equals_fastai_qhadam_exactly(kwargs):
+    ours, ref = make_params(), make_params()
+    got = run(fx_qhadam(ours, 'native', **kwargs), ours, 60)
+    assert_close_lists(got, run(fastai_qhadam(ref, **kwargs), ref, 60), atol=0.)
+
+
+@pytest.mark.parametrize('path', ['foreach', 'fused'])
+@pytest.mark.parametrize('kwargs', KWARGS)
+def test_every_path_matches_fastai_over_60_steps(path, kwargs):
+    "Two param groups, do_wd=False tensors, both decay modes, nu_2 below 1: within 1e-6"
+    ours, ref = make_params(), make_params()
+    start = [p.detach().clone() for p in ours]
+    opt = fx_qhadam(ours, path, **kwargs)
+    got = run(opt, ours, 60)
+    assert opt.path == path
+    assert_close_lists(got, run(fastai_qhadam(ref, **kwargs), ref, 60), atol=1e-6)
+    assert max((a - b).abs().max() for a, b in zip(got, start)) > 0.05  # the weights did travel
+
+
+@pytest.mark.parametrize('path', PATHS)
+def test_checkpoint_resume_is_exact(path):
+    "Saved mid-run through torch.load(weights_only=True), then continued: bitwise the uninterrupted run"
+    kw = dict(nu_2=0.6, decouple_wd=False)
+    a, b = make_params(), make_params()
+    uninterrupted = run(fx_qhadam(a, path, **kw), a, 30)
+    first = fx_qhadam(b, path, **kw)
+    run(first, b, 15)
+    saved = roundtrip({'params': [p.detach() for p in b], 'opt': first.state_dict()})
+    c = [p.clone().requires_grad_() for p in saved['params']]
+    second = fx_qhadam(c, path, no_wd=(), **kw)
+    second.load_state_dict(saved['opt'])
+    assert second.state[c[1]]['do_wd'] is False and second.hypers[0]['lr'] == LRS[0]
+    assert second.state[c[0]]['step'] == 15
+    assert_close_lists(run(second, c, 15, start=15), uninterrupted, atol=0.)
+
+
+def test_checkpoint_moves_native_fused_foreach():
+    a = make_params()
+    uninterrupted = run(fx_qhadam(a, 'native'), a, 30)
+    ps, last = make_params(), None
+    for i, path in enumerate(('native', 'fused', 'foreach')):
+        ps = [p.detach().clone().requires_grad_() for p in ps]
+        opt = fx_qhadam(ps, path)
+        if last is not None: opt.load_state_dict(last)
+        run(opt, ps, 10, start=10 * i)
+        last = roundtrip(opt.state_dict())
+    assert [s['step'] for s in last['state']] == [30] * len(ps)
+    assert_close_lists(ps, uninterrupted, atol=1e-6)
+
+
+def test_eightbit_is_refused_with_the_optimizers_that_have_it():
+    w = [torch.zeros(3, requires_grad=True)]
+    for make in (lambda: QHAdam(w, lr=1e-3, eightbit=True), lambda: qhadam(eightbit=True)):
+        with pytest.raises(ValueError, match='Lion, Adam, LARS, SGD, RMSProp, Adagrad, LAMB and AdEMAMix'): make()
+
+
+def gappy_run(opt, params, steps):
+    "Tensor 2 has no gradient on some steps: it must not move"
+    for i in range(steps):
+        set_grads(params, i)
+        if i % 7 in (2, 3, 4): params[2].grad = None
+        before = params[2].detach().clone()
+        opt.step()
+        if params[2].grad is None: assert torch.equal(params[2], before)
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize('kwargs', [dict(nu_2=0.6), dict(percentile_clipping=80, decouple_wd=False)])
+def test_fused_matches_native_with_missing_gradients_and_clipping(kwargs):
+    "Tensor 2 has no gradient on some steps (it must not move, its bias corrections lag); clipping in the core"
+    results = [gappy_run(fx_qhadam(ps, path, **kwargs), ps, 40) for path, ps in
+               (('native', make_params()), ('fused', make_params()))]
+    assert_close_lists(results[1], results[0], atol=1e-6)

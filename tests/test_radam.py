@@ -1,0 +1,133 @@
+"RAdam/SAdam against fastai's RAdam on every path, per-tensor step counts, checkpoints across paths."
+import pytest
+import torch
+import fastai.optimizer as fastai_optim
+from fastxtend_optim.radam import RAdam, radam
+from conftest import make_params, set_grads, run, roundtrip, assert_close_lists, fx_groups, LRS
+
+WD = 0.05
+PATHS = ('native', 'foreach', 'fused')
+
+
+def fx_radam(params, path, **kwargs):
+    return fx_groups(RAdam, params, path, **{'wd': WD, **kwargs})
+
+
+def fastai_radam(params, **kwargs):
+    return fx_groups(fastai_optim.RAdam, params, None, **{'wd': WD, **kwargs})
+
+
+@pytest.mark.parametrize('beta', [0., 50.])
+@pytest.mark.parametrize('decouple_wd', [True, False])
+def test_native_equals_fastai_radam_exactly(decouple_wd, beta):
+    ours, ref = make_params(), make_params()
+    got = run(fx_radam(ours, 'native', decouple_wd=decouple_wd, beta=beta), ours, 60)
+    assert_close_lists(got, run(fastai_radam(ref, decouple_wd=decouple_wd, beta=beta), ref, 60), atol=0.)
+
+
+@pytest.mark.parametrize('path', ['foreach', 'fused'])
+@pytest.mark.parametrize('kwargs', [dict(), dict(decouple_wd=False), dict(beta=50.), dict(beta=10., decouple_wd=False),
+                                    dict(eps=0., sqr_mom=0.9)])
+def test_every_path_matches_fastai_over_60_steps(path, kwargs):
+    "Two param groups, do_wd=False tensors, both decay modes, SAdam, the unrectified first steps: within 1e-6"
+    ours, ref = make_params(), make_params()
+    start = [p.detach().clone() for p in ours]
+    opt = fx_radam(ours, path, **kwargs)
+    got = run(opt, ours, 60)
+    assert opt.path == path
+    assert_close_lists(got, run(fastai_radam(ref, **kwargs), ref, 60), atol=1e-6)
+    assert max((a - b).abs().max() for a, b in zip(got, start)) > 0.05  # the weights did travel
+
+
+@pytest.mark.parametrize('path', PATHS)
+def test_per_tensor_step_counts_match_fastai(path):
+    "The first group is frozen (no gradient) for 8 steps: its tensors are unrectified while the others are rectified"
+    def frozen_run(opt, ps):
+        for i in range(20):
+            set_grads(ps, i)
+            if i < 8:
+                for p in ps[:3]: p.grad = None
+            opt.step()
+        return [p.detach().clone() for p in ps]
+    ours, ref = make_params(), make_params()
+    opt = fx_radam(ours, path)
+    got = frozen_run(opt, ours)
+    assert [opt.state[p]['step'] for p in ours] == [12] * 3 + [20] * 3
+    assert_close_lists(got, frozen_run(fastai_radam(ref), ref), atol=1e-6)
+
+
+@pytest.mark.parametrize('path', PATHS)
+def test_checkpoint_resume_is_exact(path):
+    "Saved mid-run (in the unrectified steps' wake) through torch.load(weights_only=True): bitwise the uninterrupted run"
+    a, b = make_params(), make_params()
+    uninterrupted = run(fx_radam(a, path, beta=20.), a, 30)
+    first = fx_radam(b, path, beta=20.)
+    run(first, b, 15)
+    saved = roundtrip({'params': [p.detach() for p in b], 'opt': first.state_dict()})
+    c = [p.clone().requires_grad_() for p in saved['params']]
+    second = fx_radam(c, path, beta=20., no_wd=())
+    second.load_state_dict(saved['opt'])
+    assert second.state[c[1]]['do_wd'] is False and second.hypers[0]['lr'] == LRS[0]
+    assert_close_lists(run(second, c, 15, start=15), uninterrupted, atol=0.)
+
+
+def test_checkpoint_moves_native_fused_foreach():
+    a = make_params()
+    uninterrupted = run(fx_radam(a, 'native'), a, 30)
+    ps, last = make_params(), None
+    for i, path in enumerate(('native', 'fused', 'foreach')):
+        ps = [p.detach().clone().requires_grad_() for p in ps]
+        opt = fx_radam(ps, path)
+        if last is not None: opt.load_state_dict(last)
+        run(opt, ps, 10, start=10 * i)
+        last = roundtrip(opt.state_dict())
+    assert [s['step'] for s in last['state']] == [30] * len(ps)
+    assert_close_lists(ps, uninterrupted, atol=1e-6)
+
+
+def test_fused_schedules_do_not_recompile():
+    "lr, mom and beta changes are kernel inputs; only turning SAdam on or off is a new kernel"
+    from torch._dynamo.utils import counters
+    ps = make_params()
+    opt = fx_radam(ps, 'fused', beta=10.)
+    run(opt, ps, 2)
+    compiled = counters['stats']['unique_graphs']
+    opt.set_hyper('lr', 5e-3); opt.set_hyper('mom', 0.8); opt.set_hyper('beta', 30.)
+    run(opt, ps, 8, start=2)  # crosses into the rectified regime
+    assert counters['stats']['unique_graphs'] == compiled
+
+
+def test_eightbit_is_refused_with_the_optimizers_that_have_it():
+    w = [torch.zeros(3, requires_grad=True)]
+    for make in (lambda: RAdam(w, lr=1e-3, eightbit=True), lambda: radam(eightbit=True)):
+        with pytest.raises(ValueError, match='Lion, Adam, LARS, SGD, RMSProp, Adagrad, LAMB and AdEMAMix'): make()
+
+
+def gappy_run(opt, params, steps):
+    "Tensor 2 has no gradient on some steps: it must not move, and its step count lags (a mixed-regime group)"
+    for i in range(steps):
+        set_grads(params, i)
+        if i % 7 in (2, 3, 4): params[2].grad = None
+        before = params[2].detach().clone()
+        opt.step()
+        if params[2].grad is None: assert torch.equal(params[2], before)
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(percentile_clipping=80, beta=20.)])
+def test_fused_matches_native_with_missing_gradients_and_clipping(kwargs):
+    results = [gappy_run(fx_radam(ps, path, **kwargs), ps, 40) for path, ps in
+               (('native', make_params()), ('fused', make_params()))]
+    assert_close_lists(results[1], results[0], atol=1e-6)
+
+
+@pytest.mark.parametrize('path', PATHS)
+def test_bf16_steps(path):
+    "bf16 parameters step on every path (the fused kernel in fp32) and agree with an fp32 run to bf16 resolution"
+    lo, hi = make_params(dtype=torch.bfloat16), make_params()
+    for p, q in zip(lo, hi): q.data = p.data.float()
+    rl, rh = run(fx_radam(lo, path, beta=20.), lo, 8), run(fx_radam(hi, path, beta=20.), hi, 8)
+    for x, y in zip(rl, rh):
+        assert x.dtype == torch.bfloat16 and x.isfinite().all()
+        # 8 steps of at most ~lr (3e-3) each, plus bf16 rounding of values up to ~5 (2**-8 relative)
+        torch.testing.assert_close(x.float(), y, atol=0.05, rtol=2**-7)
