@@ -16,10 +16,10 @@ from fastai.optimizer import Optimizer
 from fastcore.foundation import L
 
 # %% auto #0
-__all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'unit_interval', 'percentile_range', 'check_hypers',
-           'our_keywords', 'refuse_foreign_keywords', 'TensorGroup', 'gather_groups', 'init_state', 'weight_decay_',
-           'percentile_scales', 'scale_grads', 'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params',
-           'plain_number', 'FXOptimizer', 'opt_partial']
+__all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'unit_interval', 'closed_unit_interval',
+           'percentile_range', 'check_hypers', 'our_keywords', 'refuse_foreign_keywords', 'TensorGroup',
+           'gather_groups', 'init_state', 'weight_decay_', 'percentile_scales', 'scale_grads', 'clip_by_percentile',
+           'foreach_chunks', 'select_path', 'check_params', 'plain_number', 'FXOptimizer', 'opt_partial']
 
 # %% ../nbs/00_core.ipynb #85b45c8e
 def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -31,6 +31,10 @@ def non_negative(name:str, v):
 def unit_interval(name:str, v):
     "Raise unless `v` is in [0, 1)"
     if not (_is_number(v) and 0 <= v < 1): raise ValueError(f"`{name}` must be in [0, 1), got {v!r}")
+
+def closed_unit_interval(name:str, v):
+    "Raise unless `v` is in [0, 1]"
+    if not (_is_number(v) and 0 <= v <= 1): raise ValueError(f"`{name}` must be in [0, 1], got {v!r}")
 
 def percentile_range(name:str, v):
     "Raise unless `v` is in (0, 100]"

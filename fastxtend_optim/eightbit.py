@@ -14,8 +14,9 @@ from torch import Tensor
 from .core import TensorGroup, weight_decay_, refuse_foreign_keywords
 
 # %% auto #0
-__all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'bnb_functional', 'EightBitSpec', 'EightBitArgs',
-           'eightbit_args', 'dynamic_map', 'state_buffer', 'init_eightbit_state', 'update_tensor', 'eightbit_step']
+__all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'EIGHTBIT_OPTIMIZERS', 'bnb_functional', 'EightBitSpec',
+           'EightBitArgs', 'eightbit_args', 'no_eightbit', 'dynamic_map', 'state_buffer', 'init_eightbit_state',
+           'update_tensor', 'eightbit_step']
 
 # %% ../nbs/01_eightbit.ipynb #5911b401
 def bnb_functional():
@@ -67,6 +68,20 @@ def eightbit_args(eightbit:bool, hyper_names=(), **kwargs) -> EightBitArgs|None:
         raise ValueError(f"{sorted(kwargs)} apply only to the 8-bit path: pass `eightbit=True` too")
     if eightbit: bnb_functional()  # fail now, not at the first step
     return args if eightbit else None
+
+# %% ../nbs/01_eightbit.ipynb #e1b0a7e4
+EIGHTBIT_OPTIMIZERS = 'Lion, Adam, LARS, SGD, RMSProp, Adagrad, LAMB and AdEMAMix'
+
+def no_eightbit(name:str, eightbit, kwargs:dict|None=None, hyper_names=()):
+    "Refuse `eightbit=True` and 8-bit options for `name`, which no bitsandbytes kernel fits; name ours for torch's keywords"
+    kwargs = kwargs or {}
+    refuse_foreign_keywords(sorted(kwargs), hyper_names)
+    unknown = sorted(set(kwargs) - set(EightBitArgs.__dataclass_fields__))
+    if unknown: raise TypeError(f"{name} got unexpected keyword arguments {unknown}")
+    if not isinstance(eightbit, bool): raise ValueError(f"`eightbit` must be a bool, got {eightbit!r}")
+    if eightbit or kwargs:
+        raise ValueError(f"{name} has no 8-bit path{' for ' + str(sorted(kwargs)) if kwargs else ''}: no bitsandbytes "
+                         f"kernel computes its update. The optimizers with one are {EIGHTBIT_OPTIMIZERS}.")
 
 # %% ../nbs/01_eightbit.ipynb #ed4ce589
 _qmaps = {}

@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 from .core import foreach_chunks, opt_partial
-from .radam import RAdam, RADAM_CHECKS, no_eightbit
+from .radam import RAdam, RADAM_CHECKS
+from .eightbit import no_eightbit
 
 # %% auto #0
 __all__ = ['lookahead_', 'check_lookahead', 'Lookahead', 'Ranger', 'ranger']

@@ -6,18 +6,18 @@ Docs: https://fastxtend.github.io/fastxtend_optim/qhadam.html.md"""
 
 # %% ../nbs/17_qhadam.ipynb #ceed5267
 from __future__ import annotations
-import numbers
 from functools import partial
 import torch
 from torch import Tensor
 from fastai.optimizer import debias
-from .core import FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial
+from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range,
+                                  closed_unit_interval, opt_partial)
 from .fused import FusedSpec
-from .radam import no_eightbit
+from .eightbit import no_eightbit
 
 # %% auto #0
 __all__ = ['QHADAM_FUSED', 'QHADAM_CHECKS', 'qhadam', 'qhadam_step', 'qhadam_foreach_step', 'qhadam_update', 'qhadam_scalars',
-           'closed_unit_interval', 'QHAdam']
+           'QHAdam']
 
 # %% ../nbs/17_qhadam.ipynb #2b16b5d5
 def qhadam_step(p:Tensor, grad:Tensor, lr:float, mom:float, sqr_mom:float, nu_1:float, nu_2:float, eps:float,
@@ -72,11 +72,6 @@ def qhadam_scalars(h:dict, group) -> dict:
 QHADAM_FUSED = FusedSpec(qhadam_update, qhadam_scalars)
 
 # %% ../nbs/17_qhadam.ipynb #52b184fb
-def closed_unit_interval(name:str, v):
-    "Raise unless `v` is a finite number in [0, 1]"
-    if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v <= 1):
-        raise ValueError(f"`{name}` must be in [0, 1], got {v!r}")
-
 QHADAM_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, nu_1=closed_unit_interval, nu_2=closed_unit_interval,
                      eps=non_negative, percentile_clipping=percentile_range)
 

@@ -12,15 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from fastai.optimizer import debias
-from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range,
-                                  refuse_foreign_keywords, opt_partial)
-from .eightbit import EightBitArgs
+from .core import FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial
+from .eightbit import no_eightbit
 from .fused import FusedSpec
 
 # %% auto #0
-__all__ = ['RADAM_FUSED', 'RADAM_CHECKS', 'EIGHTBIT_OPTIMIZERS', 'radam', 'radam_rect', 'radam_denom', 'radam_step', 'steps_runs',
-           'radam_foreach_step', 'beta_softplus', 'radam_update', 'radam_numbers', 'radam_scalars', 'no_eightbit',
-           'RAdam']
+__all__ = ['RADAM_FUSED', 'RADAM_CHECKS', 'radam', 'radam_rect', 'radam_denom', 'radam_step', 'steps_runs', 'radam_foreach_step',
+           'beta_softplus', 'radam_update', 'radam_numbers', 'radam_scalars', 'RAdam']
 
 # %% ../nbs/16_radam.ipynb #d9eeb3d9
 def radam_rect(step:int, sqr_mom:float) -> float|None:
@@ -109,20 +107,6 @@ def radam_scalars(h:dict, group) -> dict:
 RADAM_FUSED = FusedSpec(radam_update, radam_scalars)
 RADAM_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, beta=non_negative,
                     percentile_clipping=percentile_range)
-
-# %% ../nbs/16_radam.ipynb #156ad4ca
-EIGHTBIT_OPTIMIZERS = 'Lion, Adam, LARS, SGD, RMSProp, Adagrad, LAMB and AdEMAMix'
-
-def no_eightbit(name:str, eightbit, kwargs:dict|None=None, hyper_names=()):
-    "Refuse `eightbit=True` and 8-bit options for optimizer `name`, which has no bitsandbytes kernel; name ours for torch's keywords"
-    kwargs = kwargs or {}
-    refuse_foreign_keywords(sorted(kwargs), hyper_names)
-    unknown = sorted(set(kwargs) - set(EightBitArgs.__dataclass_fields__))
-    if unknown: raise TypeError(f"{name} got unexpected keyword arguments {unknown}")
-    if not isinstance(eightbit, bool): raise ValueError(f"`eightbit` must be a bool, got {eightbit!r}")
-    if eightbit or kwargs:
-        raise ValueError(f"{name} has no 8-bit path{' for ' + str(sorted(kwargs)) if kwargs else ''}: no bitsandbytes "
-                         f"kernel computes its update. The optimizers with one are {EIGHTBIT_OPTIMIZERS}.")
 
 # %% ../nbs/16_radam.ipynb #34cbb03d
 def RAdam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0., beta:float=0.,
