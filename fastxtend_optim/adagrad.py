@@ -6,17 +6,16 @@ Docs: https://fastxtend.github.io/fastxtend_optim/adagrad.html.md"""
 
 # %% ../nbs/15_adagrad.ipynb #08540974
 from __future__ import annotations
-from functools import partial
 import torch
 from torch import Tensor
-from .core import FXOptimizer, check_hypers, select_path, non_negative, percentile_range
+from .core import opt_partial, FXOptimizer, check_hypers, select_path, non_negative, percentile_range
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec
 from .lars import boolean
 
 # %% auto #0
-__all__ = ['ADAGRAD_FUSED', 'ADAGRAD_8BIT', 'ADAGRAD_CHECKS', 'adagrad_lr', 'adagrad_step', 'adagrad_foreach_step',
-           'adagrad_update', 'adagrad_scalars', 'adagrad_eightbit_group', 'Adagrad', 'adagrad']
+__all__ = ['ADAGRAD_FUSED', 'ADAGRAD_8BIT', 'ADAGRAD_CHECKS', 'adagrad', 'adagrad_lr', 'adagrad_step', 'adagrad_foreach_step',
+           'adagrad_update', 'adagrad_scalars', 'adagrad_eightbit_group', 'Adagrad']
 
 # %% ../nbs/15_adagrad.ipynb #765b2434
 def adagrad_lr(lr:float, lr_decay:float, step:int) -> float:
@@ -86,7 +85,7 @@ ADAGRAD_CHECKS = dict(eps=non_negative, lr_decay=non_negative, initial_accumulat
 def _adagrad_args(hypers:dict, foreach, eightbit, fused, eightbitargs) -> tuple:
     "Check the hypers; the path and 8-bit options"
     check_hypers(ADAGRAD_CHECKS, **hypers)
-    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, **eightbitargs)
+    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, ADAGRAD_CHECKS, **eightbitargs)
 
 def Adagrad(params, lr:float, eps:float=1e-10, wd:float=0., decouple_wd:bool=False, lr_decay:float=0.,
             initial_accumulator_value:float=0., foreach:bool|None=None, fused:bool=False, eightbit:bool=False,
@@ -99,11 +98,4 @@ def Adagrad(params, lr:float, eps:float=1e-10, wd:float=0., decouple_wd:bool=Fal
                        checks=ADAGRAD_CHECKS, eightbit=ADAGRAD_8BIT, eightbit_args=args, fused=ADAGRAD_FUSED, lr=lr,
                        **hypers)
 
-def adagrad(eps:float=1e-10, wd:float=0., decouple_wd:bool=False, lr_decay:float=0.,
-            initial_accumulator_value:float=0., foreach:bool|None=None, fused:bool=False, eightbit:bool=False,
-            percentile_clipping:float=100, **eightbitargs) -> partial:
-    "A partial of `Adagrad` for `Learner(opt_func=...)`; checks its arguments now"
-    hypers = dict(eps=eps, wd=wd, decouple_wd=decouple_wd, lr_decay=lr_decay,
-                  initial_accumulator_value=initial_accumulator_value, percentile_clipping=percentile_clipping)
-    _adagrad_args(hypers, foreach, eightbit, fused, eightbitargs)
-    return partial(Adagrad, foreach=foreach, fused=fused, eightbit=eightbit, **hypers, **eightbitargs)
+adagrad = opt_partial(Adagrad)

@@ -7,17 +7,16 @@ Docs: https://fastxtend.github.io/fastxtend_optim/ademamix.html.md"""
 # %% ../nbs/19_ademamix.ipynb #532caf50
 from __future__ import annotations
 import math
-from functools import partial
 import torch
 from torch import Tensor
-from .core import FXOptimizer, check_hypers, select_path, unit_interval, non_negative, percentile_range
+from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range
 from .eightbit import EightBitSpec, eightbit_args, bnb_functional, BLOCKSIZE, PAGED_MIN_NUMEL
 from .fused import FusedSpec
 
 # %% auto #0
-__all__ = ['ADEMAMIX_8BIT', 'ADEMAMIX_FUSED', 'ADEMAMIX_CHECKS', 'alpha_at', 'beta3_at', 'ademamix_step', 'ademamix_foreach_step',
-           'ademamix_state', 'ademamix_kernel', 'ademamix_eightbit_group', 'ademamix_update', 'ademamix_scalars',
-           'optional_positive', 'check_beta3_schedule', 'AdEMAMix', 'ademamix']
+__all__ = ['ADEMAMIX_8BIT', 'ADEMAMIX_FUSED', 'ADEMAMIX_CHECKS', 'ademamix', 'alpha_at', 'beta3_at', 'ademamix_step',
+           'ademamix_foreach_step', 'ademamix_state', 'ademamix_kernel', 'ademamix_eightbit_group', 'ademamix_update',
+           'ademamix_scalars', 'optional_positive', 'check_beta3_schedule', 'AdEMAMix']
 
 # %% ../nbs/19_ademamix.ipynb #59f31ec2
 def alpha_at(step:int, alpha:float, t_alpha:int|None) -> float:
@@ -138,7 +137,7 @@ def check_beta3_schedule(hypers:dict):
 
 def _ademamix_args(foreach, eightbit, fused, hypers, eightbitargs) -> tuple:
     check_beta3_schedule(hypers)
-    args = eightbit_args(eightbit, **eightbitargs)
+    args = eightbit_args(eightbit, ADEMAMIX_CHECKS, **eightbitargs)
     return select_path(foreach, eightbit, fused), args, dict(_paged=bool(args and args.is_paged))
 
 # %% ../nbs/19_ademamix.ipynb #7b2d9146
@@ -154,12 +153,4 @@ def AdEMAMix(params, lr:float, beta1:float=0.9, beta2:float=0.999, beta3:float=0
                        path=path, checks=ADEMAMIX_CHECKS, group_check=check_beta3_schedule, eightbit=ADEMAMIX_8BIT,
                        eightbit_args=args, fused=ADEMAMIX_FUSED, lr=lr, **hypers, **paged)
 
-def ademamix(beta1:float=0.9, beta2:float=0.999, beta3:float=0.9999, alpha:float=5., t_alpha:int|None=None,
-             t_beta3:int|None=None, eps:float=1e-8, wd:float=0.01, decouple_wd:bool=True, foreach:bool|None=None,
-             fused:bool=False, eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> partial:
-    "A partial of `AdEMAMix` for `Learner(opt_func=...)`; checks its arguments now"
-    hypers = dict(beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps, wd=wd,
-                  decouple_wd=decouple_wd, percentile_clipping=percentile_clipping)
-    check_hypers(ADEMAMIX_CHECKS, **hypers)
-    _ademamix_args(foreach, eightbit, fused, hypers, eightbitargs)
-    return partial(AdEMAMix, foreach=foreach, fused=fused, eightbit=eightbit, **hypers, **eightbitargs)
+ademamix = opt_partial(AdEMAMix)

@@ -8,11 +8,22 @@ Docs: https://fastxtend.github.io/fastxtend_optim/all.html.md"""
 __all__ = []
 
 # %% ../nbs/90_all.ipynb #ced4ec30
+import importlib
 from .core import *
 from .eightbit import *
+from .fused import *
 from .lion import *
 from .adam import *
 from .lars import *
-from . import core, eightbit, lion as _lion, adam as _adam, lars as _lars
+from .sgd import *
+from .rmsprop import *
+from .adagrad import *
+from .radam import *
+from .qhadam import *
+from .lamb import *
+from .ademamix import *
+from .lookahead import *
 
-__all__ = [*core.__all__, *eightbit.__all__, *_lion.__all__, *_adam.__all__, *_lars.__all__]  # nbdev's own `__all__` here would be empty
+_MODULES = ('core', 'eightbit', 'fused',
+            'lion', 'adam', 'lars', 'sgd', 'rmsprop', 'adagrad', 'radam', 'qhadam', 'lamb', 'ademamix', 'lookahead')
+__all__ = [n for m in _MODULES for n in importlib.import_module(f'fastxtend_optim.{m}').__all__]  # nbdev's own would be empty

@@ -18,21 +18,41 @@ from fastprogress.fastprogress import progress_bar
 from .lion import Lion, lion, lion_step
 from .adam import Adam, adam
 from .lars import Lars, lars
+from .sgd import SGD, sgd
+from .rmsprop import RMSProp, rmsprop
+from .adagrad import Adagrad, adagrad
+from .radam import RAdam, radam
+from .qhadam import QHAdam, qhadam
+from .lamb import Lamb, lamb
+from .ademamix import AdEMAMix, ademamix
+from .lookahead import Ranger, ranger
 from .demo import digits_dls, digits_learner, PATH_FUNCS
 from .profiler import markdown_table  # also patches `Learner.profile`
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'PATHS', 'SIZES', 'BenchError', 'fail', 'check_choices', 'check_positive', 'resolve_device',
-           'check_eightbit', 'train_runs', 'speedup_table', 'model_shapes', 'synthetic_params', 'fastai_lion_step',
+__all__ = ['PATHS', 'NO_EIGHTBIT', 'OPTIMIZERS', 'SIZES', 'ADAM_KW', 'FASTAI', 'BNB', 'OPTIMI', 'STEP_HYPERS', 'PEERS',
+           'has_path', 'BenchError', 'fail', 'check_choices', 'check_positive', 'resolve_device', 'check_eightbit',
+           'train_runs', 'speedup_table', 'model_shapes', 'synthetic_params', 'fastai_lion_step',
            'step_implementations', 'FloorCopy', 'step_table', 'fxo_bench', 'run_bench']
 
 # %% ../nbs/42_bench.ipynb #8f60cae0
-OPTIMIZERS = {
+PATHS = tuple(PATH_FUNCS)
+NO_EIGHTBIT = tuple(p for p in PATHS if p != 'eightbit')
+OPTIMIZERS = {  # factory, partial for the digits Learner and its peak lr, bytes an fp32 update moves, paths
     'lion': dict(opt=Lion, partial=lion, lr=3e-3, bytes=20),
     'adam': dict(opt=Adam, partial=adam, lr=3e-3, bytes=28),
     'lars': dict(opt=Lars, partial=lambda **kw: lars(clip=True, **kw), lr=1., bytes=28),
+    'sgd': dict(opt=SGD, partial=lambda **kw: sgd(mom=0.9, **kw), lr=0.1, bytes=20),
+    'rmsprop': dict(opt=RMSProp, partial=rmsprop, lr=3e-3, bytes=20),
+    'adagrad': dict(opt=Adagrad, partial=adagrad, lr=3e-2, bytes=20),
+    'radam': dict(opt=RAdam, partial=radam, lr=1e-2, bytes=28, paths=NO_EIGHTBIT),
+    'qhadam': dict(opt=QHAdam, partial=qhadam, lr=3e-3, bytes=28, paths=NO_EIGHTBIT),
+    'lamb': dict(opt=Lamb, partial=lamb, lr=3e-2, bytes=44),
+    'ademamix': dict(opt=AdEMAMix, partial=ademamix, lr=3e-3, bytes=36),
+    'ranger': dict(opt=Ranger, partial=ranger, lr=3e-2, bytes=28, paths=NO_EIGHTBIT)  # + 16/k for the slow weights,
 }
-PATHS = tuple(PATH_FUNCS)
+
+def has_path(name:str, path:str) -> bool: return path in OPTIMIZERS[name].get('paths', PATHS)
 SIZES = {'small': (0.4, 96), 'medium': (5.5, 600), 'large': (22, 600), 'xl': (354, 600)}  # M parameters, tensors
 
 # %% ../nbs/42_bench.ipynb #5dee9b60
@@ -73,7 +93,7 @@ def train_runs(opts:list, paths:list, epochs:int=2, bs:int=64, device='cpu') -> 
     rows, dls = [], digits_dls(bs=bs, device=device)
     if len(dls.train) == 0: raise BenchError(f'--bs {bs} is larger than the training set ({len(dls.train_ds)} samples)')
     warmup = min(2, epochs * len(dls.train) - 1)  # keep at least one batch
-    for name, path in progress_bar([(o, p) for o in opts for p in paths], leave=False):
+    for name, path in progress_bar([(o, p) for o in opts for p in paths if has_path(o, p)], leave=False):
         learn = digits_learner(OPTIMIZERS[name]['partial'](**PATH_FUNCS[path]), dls).profile(warmup=warmup)
         with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -124,28 +144,59 @@ def _peer(impls:dict, notes:list, name:str, module:str, make):
     try: impls[name] = make(importlib.import_module(module))
     except ImportError: notes.append(f'{name}: {module} not installed, skipped')
 
+ADAM_KW = dict(betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)
+FASTAI, BNB, OPTIMI = 'fastai.optimizer', 'bitsandbytes.optim', 'optimi'
+STEP_HYPERS = {  # our hypers in the step benchmark; the peers below are set to the same math
+    'lion': dict(lr=1e-4, wd=0.1), 'adam': dict(lr=1e-4, wd=0.01), 'lars': dict(lr=1e-2),
+    'sgd': dict(lr=1e-2, mom=0.9), 'rmsprop': dict(lr=1e-3), 'adagrad': dict(lr=1e-2), 'radam': dict(lr=1e-3),
+    'qhadam': dict(lr=1e-3), 'lamb': dict(lr=1e-3, wd=0.01), 'ademamix': dict(lr=1e-3), 'ranger': dict(lr=1e-3),
+}
+PEERS = {  # optimizer -> [(name, module, make(module, params))]
+    'lion': [('fastai Optimizer loop', FASTAI, lambda m, ps: m.Optimizer(ps, [m.weight_decay, fastai_lion_step],
+                                                                            lr=1e-4, wd=0.1)),
+             ('lion-pytorch', 'lion_pytorch', lambda m, ps: m.Lion(ps, lr=1e-4, weight_decay=0.1)),
+             ('optimi Lion foreach', OPTIMI, lambda m, ps: m.Lion(ps, lr=1e-4, weight_decay=0.1, foreach=True)),
+             ('bitsandbytes Lion8bit', BNB, lambda m, ps: m.Lion8bit(ps, lr=1e-4, weight_decay=0.1))],
+    'adam': [('fastai Adam', FASTAI, lambda m, ps: m.Adam(ps, lr=1e-4, wd=0.01)),
+             ('torch AdamW foreach', 'torch.optim', lambda m, ps: m.AdamW(ps, lr=1e-4, foreach=True, **ADAM_KW)),
+             ('torch AdamW fused', 'torch.optim', lambda m, ps: m.AdamW(ps, lr=1e-4, fused=True, **ADAM_KW)),
+             ('optimi AdamW foreach', OPTIMI, lambda m, ps: m.AdamW(ps, lr=1e-4, foreach=True, **ADAM_KW)),
+             ('bitsandbytes AdamW8bit', BNB, lambda m, ps: m.AdamW8bit(ps, lr=1e-4, **ADAM_KW))],
+    'lars': [('fastai Larc (clip=False)', FASTAI, lambda m, ps: m.Larc(ps, lr=1e-2, clip=False)),
+             ('bitsandbytes LARS8bit', BNB, lambda m, ps: m.LARS8bit(ps, lr=1e-2, momentum=0.9, max_unorm=0.))],
+    'sgd': [('fastai SGD', FASTAI, lambda m, ps: m.SGD(ps, lr=1e-2, mom=0.9)),
+            ('torch SGD foreach', 'torch.optim', lambda m, ps: m.SGD(ps, lr=1e-2, momentum=0.9, foreach=True)),
+            ('torch SGD fused', 'torch.optim', lambda m, ps: m.SGD(ps, lr=1e-2, momentum=0.9, fused=True)),
+            ('optimi SGD foreach', OPTIMI, lambda m, ps: m.SGD(ps, lr=1e-2, momentum=0.9, foreach=True)),
+            ('bitsandbytes SGD8bit', BNB, lambda m, ps: m.SGD8bit(ps, lr=1e-2, momentum=0.9))],
+    'rmsprop': [('fastai RMSProp', FASTAI, lambda m, ps: m.RMSProp(ps, lr=1e-3)),
+                ('torch RMSprop foreach', 'torch.optim', lambda m, ps: m.RMSprop(ps, lr=1e-3, alpha=0.99, foreach=True)),
+                ('bitsandbytes RMSprop8bit', BNB, lambda m, ps: m.RMSprop8bit(ps, lr=1e-3, alpha=0.99))],
+    'adagrad': [('torch Adagrad foreach', 'torch.optim', lambda m, ps: m.Adagrad(ps, lr=1e-2, foreach=True)),
+                ('torch Adagrad fused', 'torch.optim', lambda m, ps: m.Adagrad(ps, lr=1e-2, fused=True)),
+                ('bitsandbytes Adagrad8bit', BNB, lambda m, ps: m.Adagrad8bit(ps, lr=1e-2))],
+    'radam': [('fastai RAdam', FASTAI, lambda m, ps: m.RAdam(ps, lr=1e-3)),
+              ('torch RAdam foreach', 'torch.optim', lambda m, ps: m.RAdam(ps, lr=1e-3, betas=(0.9, 0.99), eps=1e-5,
+                                                                          foreach=True)),
+              ('optimi RAdam foreach', OPTIMI, lambda m, ps: m.RAdam(ps, lr=1e-3, betas=(0.9, 0.99), eps=1e-5,
+                                                                   foreach=True))],
+    'qhadam': [('fastai QHAdam', FASTAI, lambda m, ps: m.QHAdam(ps, lr=1e-3))],
+    'lamb': [('fastai Lamb', FASTAI, lambda m, ps: m.Lamb(ps, lr=1e-3, wd=0.01)),
+             ('bitsandbytes LAMB8bit', BNB, lambda m, ps: m.LAMB8bit(ps, lr=1e-3, **ADAM_KW))],
+    'ademamix': [('bitsandbytes AdEMAMix8bit', BNB, lambda m, ps: m.AdEMAMix8bit(ps, lr=1e-3)),
+                 ('bitsandbytes AdEMAMix 32-bit', BNB, lambda m, ps: m.AdEMAMix(ps, lr=1e-3, optim_bits=32))],
+    'ranger': [('fastai ranger', FASTAI, lambda m, ps: m.ranger(ps, lr=1e-3)),
+               ('optimi Ranger foreach', OPTIMI, lambda m, ps: m.Ranger(ps, lr=1e-3, betas=(0.95, 0.99), eps=1e-6,
+                                                                     weight_decay=0.01, foreach=True))],
+}
+
 def step_implementations(name:str, paths, notes:list) -> dict:
     "Implementation name -> factory(params): our paths, then the peers that are installed"
-    adam_kw = dict(betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)
-    if name == 'lion':
-        impls = _ours(Lion, paths, lr=1e-4, wd=0.1)
-        impls['fastai Optimizer loop'] = lambda ps: fastai_optim.Optimizer(
-            ps, [fastai_optim.weight_decay, fastai_lion_step], lr=1e-4, wd=0.1)
-        _peer(impls, notes, 'lion-pytorch', 'lion_pytorch', lambda m: lambda ps: m.Lion(ps, lr=1e-4, weight_decay=0.1))
-        _peer(impls, notes, 'bitsandbytes Lion8bit', 'bitsandbytes.optim',
-              lambda m: lambda ps: m.Lion8bit(ps, lr=1e-4, weight_decay=0.1))
-    elif name == 'adam':
-        impls = _ours(Adam, paths, lr=1e-4, wd=0.01)
-        impls['fastai Adam'] = lambda ps: fastai_optim.Adam(ps, lr=1e-4, wd=0.01)
-        impls['torch AdamW foreach'] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True, **adam_kw)
-        impls['torch AdamW fused'] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True, **adam_kw)
-        _peer(impls, notes, 'bitsandbytes AdamW8bit', 'bitsandbytes.optim',
-              lambda m: lambda ps: m.AdamW8bit(ps, lr=1e-4, **adam_kw))
-    else:
-        impls = _ours(Lars, paths, lr=1e-2)
-        impls['fastai Larc (clip=False)'] = lambda ps: fastai_optim.Larc(ps, lr=1e-2, clip=False)
-        _peer(impls, notes, 'bitsandbytes LARS8bit', 'bitsandbytes.optim',
-              lambda m: lambda ps: m.LARS8bit(ps, lr=1e-2, momentum=0.9, max_unorm=0.))
+    ours = [p for p in paths if has_path(name, p)]
+    notes += [f'{name} has no {p} path, skipped' for p in paths if p not in ours]
+    impls = _ours(OPTIMIZERS[name]['opt'], ours, **STEP_HYPERS[name])
+    for label, module, make in PEERS[name]:
+        _peer(impls, notes, label, module, lambda m, make=make: lambda ps: make(m, ps))
     return impls
 
 # %% ../nbs/42_bench.ipynb #33aa5b93
@@ -193,7 +244,7 @@ def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3
 @call_parse(pos=['mode'])
 def fxo_bench(
     mode:str='train', # `train`: a fastai Learner on bundled digits per optimizer and path; `step`: opt.step() alone vs peers
-    opt:Annotated[str, {'nargs': '+'}]=list(OPTIMIZERS), # optimizers: lion adam lars
+    opt:Annotated[str, {'nargs': '+'}]=list(OPTIMIZERS), # optimizers: lion adam lars sgd rmsprop adagrad radam qhadam lamb ademamix ranger
     path:Annotated[str, {'nargs': '+'}]=list(PATHS), # paths: native foreach fused eightbit
     epochs:int=2, # train: epochs per run
     bs:int=64, # train: batch size

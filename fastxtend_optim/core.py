@@ -57,7 +57,10 @@ def our_keywords(name:str, hyper_names) -> list[str]|None:
     names = set(hyper_names)
     if name == 'weight_decay': return ['wd']
     if name == 'momentum': return ['mom']
-    if name == 'betas': return ['beta1', 'beta2'] if 'beta1' in names else ['mom', 'sqr_mom']
+    if name == 'betas':
+        for ours in (['mom', 'sqr_mom'], ['beta1', 'beta2'], ['mom']):
+            if set(ours) <= names: return ours
+        return None
     if name == 'alpha' and 'sqr_mom' in names: return ['sqr_mom']  # torch's RMSprop smoothing constant
     if name in ('beta1', 'beta2') and 'mom' in names: return ['mom' if name == 'beta1' else 'sqr_mom']
     return None

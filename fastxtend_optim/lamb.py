@@ -6,18 +6,17 @@ Docs: https://fastxtend.github.io/fastxtend_optim/lamb.html.md"""
 
 # %% ../nbs/18_lamb.ipynb #ac333a21
 from __future__ import annotations
-from functools import partial
 import torch
 from torch import Tensor
 from fastai.optimizer import debias
-from .core import FXOptimizer, check_hypers, select_path, unit_interval, non_negative, percentile_range
+from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec, stacked_norms
 
 # %% auto #0
-__all__ = ['MAX_TRUST', 'LAMB_8BIT', 'LAMB_FUSED', 'LAMB_CHECKS', 'lamb_direction', 'lamb_trust', 'tensor_trust', 'lamb_step',
-           'lamb_foreach_directions', 'lamb_foreach_step', 'lamb_eightbit_group', 'lamb_direction_norms', 'lamb_update',
-           'lamb_scalars', 'Lamb', 'lamb']
+__all__ = ['MAX_TRUST', 'LAMB_8BIT', 'LAMB_FUSED', 'LAMB_CHECKS', 'lamb', 'lamb_direction', 'lamb_trust', 'tensor_trust',
+           'lamb_step', 'lamb_foreach_directions', 'lamb_foreach_step', 'lamb_eightbit_group', 'lamb_direction_norms',
+           'lamb_update', 'lamb_scalars', 'Lamb']
 
 # %% ../nbs/18_lamb.ipynb #8f662469
 MAX_TRUST = 10.
@@ -160,16 +159,7 @@ def Lamb(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd
     "A fastai `Optimizer` for LAMB on the native, ForEach, fused or bitsandbytes path"
     return FXOptimizer(params, [lamb_step], lamb_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
                        path=select_path(foreach, eightbit, fused), checks=LAMB_CHECKS, eightbit=LAMB_8BIT,
-                       eightbit_args=eightbit_args(eightbit, **eightbitargs), fused=LAMB_FUSED, lr=lr, mom=mom,
+                       eightbit_args=eightbit_args(eightbit, LAMB_CHECKS, **eightbitargs), fused=LAMB_FUSED, lr=lr, mom=mom,
                        sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd, percentile_clipping=percentile_clipping)
 
-def lamb(mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0., decouple_wd:bool=True,
-         foreach:bool|None=None, fused:bool=False, eightbit:bool=False, percentile_clipping:float=100,
-         **eightbitargs) -> partial:
-    "A partial of `Lamb` for `Learner(opt_func=...)`; checks its arguments now"
-    hypers = dict(mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd,
-                  percentile_clipping=percentile_clipping)
-    check_hypers(LAMB_CHECKS, **hypers)
-    select_path(foreach, eightbit, fused)
-    eightbit_args(eightbit, **eightbitargs)
-    return partial(Lamb, foreach=foreach, fused=fused, eightbit=eightbit, **hypers, **eightbitargs)
+lamb = opt_partial(Lamb)

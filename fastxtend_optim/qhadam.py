@@ -6,7 +6,6 @@ Docs: https://fastxtend.github.io/fastxtend_optim/qhadam.html.md"""
 
 # %% ../nbs/17_qhadam.ipynb #ceed5267
 from __future__ import annotations
-from functools import partial
 import torch
 from torch import Tensor
 from fastai.optimizer import debias

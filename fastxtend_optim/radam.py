@@ -7,7 +7,6 @@ Docs: https://fastxtend.github.io/fastxtend_optim/radam.html.md"""
 # %% ../nbs/16_radam.ipynb #312a2c7d
 from __future__ import annotations
 import math
-from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor

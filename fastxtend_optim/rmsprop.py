@@ -6,17 +6,16 @@ Docs: https://fastxtend.github.io/fastxtend_optim/rmsprop.html.md"""
 
 # %% ../nbs/14_rmsprop.ipynb #547e52e0
 from __future__ import annotations
-from functools import partial
 import torch
 from torch import Tensor
-from .core import FXOptimizer, check_hypers, select_path, unit_interval, non_negative, percentile_range
+from .core import opt_partial, FXOptimizer, check_hypers, select_path, unit_interval, non_negative, percentile_range
 from .eightbit import EightBitSpec, eightbit_args
 from .fused import FusedSpec
 from .lars import boolean
 
 # %% auto #0
-__all__ = ['RMSPROP_FUSED', 'RMSPROP_8BIT', 'RMSPROP_CHECKS', 'rmsprop_step', 'rmsprop_foreach_step', 'rmsprop_update',
-           'rmsprop_scalars', 'rmsprop_kernel_hypers', 'RMSProp', 'rmsprop']
+__all__ = ['RMSPROP_FUSED', 'RMSPROP_8BIT', 'RMSPROP_CHECKS', 'rmsprop', 'rmsprop_step', 'rmsprop_foreach_step', 'rmsprop_update',
+           'rmsprop_scalars', 'rmsprop_kernel_hypers', 'RMSProp']
 
 # %% ../nbs/14_rmsprop.ipynb #e7fce7b9
 def rmsprop_step(p:Tensor, grad:Tensor, sqr_avg:Tensor, lr:float, mom:float, sqr_mom:float, eps:float,
@@ -76,7 +75,7 @@ def _rmsprop_args(hypers:dict, foreach, eightbit, fused, eightbitargs) -> tuple:
     if eightbit is True and hypers['mom'] != 0:
         raise ValueError("`eightbit=True` needs `mom=0`: bitsandbytes' rmsprop kernel has no momentum (its "
                          "RMSprop8bit ignores `momentum`). Pass `mom=0`, or take the ForEach or fused path")
-    return path, eightbit_args(eightbit, **eightbitargs)
+    return path, eightbit_args(eightbit, RMSPROP_CHECKS, **eightbitargs)
 
 def RMSProp(params, lr:float, mom:float=0., sqr_mom:float=0.99, eps:float=1e-8, wd:float=0., decouple_wd:bool=True,
             foreach:bool|None=None, fused:bool=False, eightbit:bool=False, percentile_clipping:float=100,
@@ -90,11 +89,4 @@ def RMSProp(params, lr:float, mom:float=0., sqr_mom:float=0.99, eps:float=1e-8, 
                        checks=RMSPROP_CHECKS, eightbit=RMSPROP_8BIT, eightbit_args=args, fused=RMSPROP_FUSED, lr=lr,
                        **hypers)
 
-def rmsprop(mom:float=0., sqr_mom:float=0.99, eps:float=1e-8, wd:float=0., decouple_wd:bool=True,
-            foreach:bool|None=None, fused:bool=False, eightbit:bool=False, percentile_clipping:float=100,
-            **eightbitargs) -> partial:
-    "A partial of `RMSProp` for `Learner(opt_func=...)`; checks its arguments now"
-    hypers = dict(mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd,
-                  percentile_clipping=percentile_clipping)
-    _rmsprop_args(hypers, foreach, eightbit, fused, eightbitargs)
-    return partial(RMSProp, foreach=foreach, fused=fused, eightbit=eightbit, **hypers, **eightbitargs)
+rmsprop = opt_partial(RMSProp)

@@ -6,17 +6,16 @@ Docs: https://fastxtend.github.io/fastxtend_optim/sgd.html.md"""
 
 # %% ../nbs/13_sgd.ipynb #90c0f678
 from __future__ import annotations
-from functools import partial
 import torch
 from torch import Tensor
-from .core import FXOptimizer, check_hypers, select_path, unit_interval, percentile_range
+from .core import opt_partial, FXOptimizer, check_hypers, select_path, unit_interval, percentile_range
 from .eightbit import EightBitSpec, eightbit_args, update_tensor
 from .fused import FusedSpec
 from .lars import lars_damping, check_nesterov, lars_update, boolean
 
 # %% auto #0
-__all__ = ['SGD_FUSED', 'SGD_8BIT', 'SGD_CHECKS', 'sgd_step', 'sgd_foreach_step', 'sgd_update', 'sgd_scalars',
-           'sgd_eightbit_group', 'SGD', 'sgd']
+__all__ = ['SGD_FUSED', 'SGD_8BIT', 'SGD_CHECKS', 'sgd', 'sgd_step', 'sgd_foreach_step', 'sgd_update', 'sgd_scalars',
+           'sgd_eightbit_group', 'SGD']
 
 # %% ../nbs/13_sgd.ipynb #6e6e228d
 def sgd_step(p:Tensor, grad:Tensor, step:int, lr:float, mom:float, dampening:float, nesterov:bool,
@@ -80,7 +79,7 @@ def _sgd_args(hypers:dict, foreach, eightbit, fused, eightbitargs) -> tuple:
         raise ValueError("`eightbit=True` needs `mom` > 0: the 8-bit path stores the momentum buffer in 8 bits, and "
                          "plain SGD has none (bitsandbytes' SGD8bit refuses momentum=0 too). Pass `mom` > 0, or "
                          "take the ForEach or fused path for plain SGD")
-    return path, eightbit_args(eightbit, **eightbitargs)
+    return path, eightbit_args(eightbit, SGD_CHECKS, **eightbitargs)
 
 def SGD(params, lr:float, mom:float=0., wd:float=0., decouple_wd:bool=True, dampening:float=0., nesterov:bool=False,
         foreach:bool|None=None, fused:bool=False, eightbit:bool=False, percentile_clipping:float=100,
@@ -93,11 +92,4 @@ def SGD(params, lr:float, mom:float=0., wd:float=0., decouple_wd:bool=True, damp
                        path=path, checks=SGD_CHECKS, group_check=check_nesterov, eightbit=SGD_8BIT,
                        eightbit_args=args, fused=SGD_FUSED, lr=lr, **hypers)
 
-def sgd(mom:float=0., wd:float=0., decouple_wd:bool=True, dampening:float=0., nesterov:bool=False,
-        foreach:bool|None=None, fused:bool=False, eightbit:bool=False, percentile_clipping:float=100,
-        **eightbitargs) -> partial:
-    "A partial of `SGD` for `Learner(opt_func=...)`; checks its arguments now"
-    hypers = dict(mom=mom, wd=wd, decouple_wd=decouple_wd, dampening=dampening, nesterov=nesterov,
-                  percentile_clipping=percentile_clipping)
-    _sgd_args(hypers, foreach, eightbit, fused, eightbitargs)
-    return partial(SGD, foreach=foreach, fused=fused, eightbit=eightbit, **hypers, **eightbitargs)
+sgd = opt_partial(SGD)

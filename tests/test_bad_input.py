@@ -6,6 +6,10 @@ from conftest import make_params, set_grads, run, fx_groups, PATH_KWARGS
 from test_common import OPTIMIZERS, CASES
 
 
+BETAS = {'lion': '`beta1=`, `beta2=`', 'ademamix': '`beta1=`, `beta2=`', 'lars': '`mom=`', 'sgd': '`mom=`',
+         'adagrad': None}  # what `betas=` is answered with; the rest have `mom` and `sqr_mom`
+
+
 def _leaf(): return torch.zeros(3, requires_grad=True)
 
 
@@ -34,8 +38,9 @@ def test_torch_and_bitsandbytes_keywords_name_ours(name, path):
     make, kw, w = OPTIMIZERS[name], PATH_KWARGS[path], [_leaf()]
     with pytest.raises(TypeError, match="`weight_decay` is bitsandbytes'/torch's name: pass `wd=`"):
         make(w, lr=1e-3, weight_decay=0.1, **kw)
-    betas = '`beta1=`, `beta2=`' if name == 'lion' else '`mom=`, `sqr_mom=`'
-    with pytest.raises(TypeError, match=f"`betas` is bitsandbytes'/torch's name: pass {betas}"):
+    betas = BETAS.get(name, '`mom=`, `sqr_mom=`')
+    with pytest.raises(TypeError, match=f"`betas` is bitsandbytes'/torch's name: pass {betas}" if betas else
+                       'unexpected keyword'):
         make(w, lr=1e-3, betas=(0.9, 0.99), **kw)
     if name == 'lars':
         with pytest.raises(TypeError, match='pass `mom=`'): make(w, lr=1e-3, momentum=0.9, **kw)

@@ -5,11 +5,22 @@ import torch
 from fastxtend_optim.lion import Lion
 from fastxtend_optim.adam import Adam
 from fastxtend_optim.lars import Lars
+from functools import partial
+from fastxtend_optim.sgd import SGD
+from fastxtend_optim.rmsprop import RMSProp
+from fastxtend_optim.adagrad import Adagrad
+from fastxtend_optim.radam import RAdam
+from fastxtend_optim.qhadam import QHAdam
+from fastxtend_optim.lamb import Lamb
+from fastxtend_optim.ademamix import AdEMAMix
+from fastxtend_optim.lookahead import Ranger
 from conftest import make_params, run, fx_groups, roundtrip, assert_close_lists, PATH_KWARGS, LRS, NO_WD
 
-OPTIMIZERS = {'lion': Lion, 'adam': Adam, 'lars': Lars}
+OPTIMIZERS = {'lion': Lion, 'adam': Adam, 'lars': Lars, 'sgd': partial(SGD, mom=0.9), 'rmsprop': RMSProp, 'adagrad': Adagrad,
+              'radam': RAdam, 'qhadam': QHAdam, 'lamb': Lamb, 'ademamix': AdEMAMix, 'ranger': Ranger}
+NO_EIGHTBIT = {'radam', 'qhadam', 'ranger'}  # no bitsandbytes kernel fits their update
 PATHS = list(PATH_KWARGS)
-CASES = [(o, p) for o in OPTIMIZERS for p in PATHS]
+CASES = [(o, p) for o in OPTIMIZERS for p in PATHS if not (o in NO_EIGHTBIT and p == 'eightbit')]
 
 
 @pytest.mark.parametrize('name,path', CASES)
@@ -19,20 +30,22 @@ def test_same_errors_on_every_path(name, path):
                        (dict(lr=1e-3, percentile_clipping=0), '`percentile_clipping` must be in')):
         with pytest.raises(ValueError, match=match): opt_fn(w, **bad, **kw)
     with pytest.raises(ValueError, match='`params` is empty'): opt_fn([], lr=1e-3, **kw)
-    with pytest.raises(ValueError, match='exclusive'): opt_fn(w, lr=1e-3, foreach=True, eightbit=True)
-    with pytest.raises(ValueError, match='apply only to the 8-bit path'): opt_fn(w, lr=1e-3, foreach=False, optim_bits=32)
+    with pytest.raises(ValueError, match='exclusive|has no 8-bit path'): opt_fn(w, lr=1e-3, foreach=True, eightbit=True)
+    with pytest.raises(ValueError, match='apply only to the 8-bit path|has no 8-bit path'):
+        opt_fn(w, lr=1e-3, foreach=False, optim_bits=32)
     opt = opt_fn(w, lr=1e-3, **kw)
     with pytest.raises(ValueError, match='`lr` must be'): opt.set_hyper('lr', -1.)
     assert opt.hypers[0]['lr'] == 1e-3
 
 
-RESUME_KWARGS = {'lion': {}, 'adam': dict(amsgrad=False, decouple_wd=False), 'lars': dict(nesterov=True, clip=True)}
+RESUME_KWARGS = {'adam': dict(amsgrad=False, decouple_wd=False), 'lars': dict(nesterov=True, clip=True),
+                 'sgd': dict(decouple_wd=False, nesterov=True), 'rmsprop': dict(decouple_wd=False)}
 
 
 @pytest.mark.parametrize('name,path', CASES)
 def test_checkpoint_resume_is_exact(name, path):
     "Saved mid-run through torch.save/torch.load(weights_only=True), then continued: bitwise the uninterrupted run"
-    make = lambda ps, **kw: fx_groups(OPTIMIZERS[name], ps, path, **RESUME_KWARGS[name], **kw)
+    make = lambda ps, **kw: fx_groups(OPTIMIZERS[name], ps, path, **RESUME_KWARGS.get(name, {}), **kw)
     a, b = make_params(), make_params()
     uninterrupted = run(make(a), a, 30)
     first = make(b)
@@ -72,7 +85,7 @@ def test_pickles_and_skips_none_grads(name, path):
     assert clone.path == path and clone.hypers == opt.hypers
 
 
-@pytest.mark.parametrize('name', OPTIMIZERS)
+@pytest.mark.parametrize('name', [o for o in OPTIMIZERS if o not in NO_EIGHTBIT])
 def test_missing_bitsandbytes_fails_only_the_eightbit_path(name, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, 'bitsandbytes.functional', None)
