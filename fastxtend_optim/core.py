@@ -320,6 +320,8 @@ class FXOptimizer(Optimizer):
 def opt_partial(factory:Callable) -> Callable:
     "The lowercase partial of optimizer `factory` for `Learner(opt_func=...)`: its keywords, checked at once"
     def make(**kwargs) -> partial:
+        given = sorted({'params', 'lr'} & set(kwargs))
+        if given: raise TypeError(f"`{make.__name__}` takes no `{given[0]}`: the Learner passes it")
         factory([torch.zeros(1, requires_grad=True)], lr=0., **kwargs)  # every check the optimizer makes, now
         return partial(factory, **kwargs)
     sig = inspect.signature(factory)

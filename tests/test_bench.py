@@ -58,7 +58,7 @@ def test_step_small_prints_ratios_against_peers(tmp_path):
 
 
 @pytest.mark.parametrize('args,message', [
-    (['--opt', 'sgd'], "unknown optimizer 'sgd'"),
+    (['--opt', 'adan'], "unknown optimizer 'adan'"),
     (['--path', 'turbo'], "unknown path 'turbo'"),
     (['--device', 'tpu'], "unknown device 'tpu'"),
     (['step', '--size', 'huge'], "unknown size 'huge'"),
