@@ -10,13 +10,13 @@ import math
 import torch
 from torch import Tensor
 from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range
-from .eightbit import EightBitSpec, eightbit_args, bnb_functional, BLOCKSIZE, PAGED_MIN_NUMEL
+from .eightbit import EightBitSpec, eightbit_args, update_tensor
 from .fused import FusedSpec
 
 # %% auto #0
 __all__ = ['ADEMAMIX_8BIT', 'ADEMAMIX_FUSED', 'ADEMAMIX_CHECKS', 'ademamix', 'alpha_at', 'beta3_at', 'ademamix_step',
-           'ademamix_foreach_step', 'ademamix_state', 'ademamix_kernel', 'ademamix_eightbit_group', 'ademamix_update',
-           'ademamix_scalars', 'optional_positive', 'check_beta3_schedule', 'AdEMAMix']
+           'ademamix_foreach_step', 'ademamix_eightbit_group', 'ademamix_update', 'ademamix_scalars',
+           'optional_positive', 'check_beta3_schedule', 'AdEMAMix']
 
 # %% ../nbs/19_ademamix.ipynb #59f31ec2
 def alpha_at(step:int, alpha:float, t_alpha:int|None) -> float:
@@ -60,43 +60,16 @@ def ademamix_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list
     torch._foreach_addcdiv_(params, num, denom, [-lr * b / a for a, b in zip(c1, c2)])
 
 # %% ../nbs/19_ademamix.ipynb #c5927f91
-def _stacked_buffer(p:Tensor, dtype:torch.dtype, paged:bool) -> Tensor:
-    "A zero `(2, *p.shape)` buffer, paged on CUDA when asked for and large enough"
-    shape = (2, *p.shape)
-    if paged and p.device.type == 'cuda' and p.numel() >= PAGED_MIN_NUMEL:
-        BF = bnb_functional()
-        buf = BF.get_paged(*shape, dtype=dtype, device=p.device)
-        BF.fill(buf, 0)
-        return buf
-    return torch.zeros(shape, dtype=dtype, device=p.device)
-
-def ademamix_state(p:Tensor, state:dict, paged:bool):
-    "Replace the core's `p`-shaped first state by the kernel's stacked `(m1, m2)` state (8-bit or 32-bit, as chosen)"
-    if state['state1'].dim() == p.dim() + 1: return
-    state['state1'] = _stacked_buffer(p, state['state1'].dtype, paged)
-    if 'absmax1' in state: state['absmax1'] = torch.zeros(2, state['absmax1'].numel(), device=p.device)
-
-def ademamix_kernel(p:Tensor, g:Tensor, state:dict, lr:float, beta1:float, beta2:float, beta3:float, alpha:float,
-                    eps:float):
-    "One call of bitsandbytes' `ademamix` kernel for `p`, 8-bit or 32-bit by the state's dtype"
-    BF, s = bnb_functional(), state
-    kw = dict(optimizer_name='ademamix', g=g, p=p, state1=s['state1'], state2=s['state2'], beta1=beta1, beta2=beta2,
-              beta3=beta3, alpha=alpha, eps=eps, step=s['step'], lr=lr, weight_decay=0., gnorm_scale=1.)
-    if s['state1'].dtype == torch.uint8:
-        BF.optimizer_update_8bit_blockwise(**kw, qmap1=s['qmap1'], qmap2=s['qmap2'], absmax1=s['absmax1'],
-                                           absmax2=s['absmax2'])
-    else: BF.optimizer_update_32bit(**kw)
-
 def ademamix_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
     "AdEMAMix on bitsandbytes' `ademamix` kernel, with each tensor's scheduled β3 and α"
     h = group.hyper
     for p, g, state in zip(group.params, grads, group.states):
-        ademamix_state(p, state, h.get('_paged', False))
         t = state['step']
-        ademamix_kernel(p.data, g, state, h['lr'], h['beta1'], h['beta2'], beta3_at(t, h['beta1'], h['beta3'], h['t_beta3']),
-                        alpha_at(t, h['alpha'], h['t_alpha']), h['eps'])
+        update_tensor(spec, p.data, g, state, lr=h['lr'], wd=0., beta1=h['beta1'], beta2=h['beta2'], eps=h['eps'],
+                      beta3=beta3_at(t, h['beta1'], h['beta3'], h['t_beta3']), alpha=alpha_at(t, h['alpha'], h['t_alpha']))
 
-ADEMAMIX_8BIT = EightBitSpec('ademamix', two_states=True, kernel_wd=None, group_step=ademamix_eightbit_group)
+ADEMAMIX_8BIT = EightBitSpec('ademamix', two_states=True, kernel_wd=None, group_step=ademamix_eightbit_group,
+                             stacked_state1=True)
 
 # %% ../nbs/19_ademamix.ipynb #94b79b33
 def ademamix_update(p:Tensor, g:Tensor, grad_avg:Tensor, slow_avg:Tensor, sqr_avg:Tensor, beta1:Tensor,
@@ -137,8 +110,7 @@ def check_beta3_schedule(hypers:dict):
 
 def _ademamix_args(foreach, eightbit, fused, hypers, eightbitargs) -> tuple:
     check_beta3_schedule(hypers)
-    args = eightbit_args(eightbit, ADEMAMIX_CHECKS, **eightbitargs)
-    return select_path(foreach, eightbit, fused), args, dict(_paged=bool(args and args.is_paged))
+    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, ADEMAMIX_CHECKS, **eightbitargs)
 
 # %% ../nbs/19_ademamix.ipynb #7b2d9146
 def AdEMAMix(params, lr:float, beta1:float=0.9, beta2:float=0.999, beta3:float=0.9999, alpha:float=5.,
@@ -148,9 +120,9 @@ def AdEMAMix(params, lr:float, beta1:float=0.9, beta2:float=0.999, beta3:float=0
     "A fastai `Optimizer` for AdEMAMix on the native, ForEach, fused or bitsandbytes path"
     hypers = dict(beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps, wd=wd,
                   decouple_wd=decouple_wd, percentile_clipping=percentile_clipping)
-    path, args, paged = _ademamix_args(foreach, eightbit, fused, hypers, eightbitargs)
+    path, args = _ademamix_args(foreach, eightbit, fused, hypers, eightbitargs)
     return FXOptimizer(params, [ademamix_step], ademamix_foreach_step, state_keys=('grad_avg', 'slow_avg', 'sqr_avg'),
                        path=path, checks=ADEMAMIX_CHECKS, group_check=check_beta3_schedule, eightbit=ADEMAMIX_8BIT,
-                       eightbit_args=args, fused=ADEMAMIX_FUSED, lr=lr, **hypers, **paged)
+                       eightbit_args=args, fused=ADEMAMIX_FUSED, lr=lr, **hypers)
 
 ademamix = opt_partial(AdEMAMix)

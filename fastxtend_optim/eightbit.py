@@ -39,6 +39,7 @@ class EightBitSpec:
     two_states: bool = False
     kernel_wd: str|None = 'decoupled'  # how the kernel's `weight_decay` acts: 'decoupled', 'l2', or None (not used)
     group_step: Callable|None = None   # replaces the per-tensor loop for optimizers that need more than the kernel
+    stacked_state1: bool = False       # the kernel keeps two moments in `state1`, shaped `(2, *p.shape)` (AdEMAMix)
 
 @dataclass(frozen=True)
 class EightBitArgs:
@@ -91,39 +92,42 @@ def dynamic_map(device:torch.device, signed:bool=True) -> Tensor:
     if key not in _qmaps: _qmaps[key] = bnb_functional().create_dynamic_map(signed=signed).to(device)
     return _qmaps[key]
 
-def state_buffer(p:Tensor, dtype:torch.dtype, paged:bool) -> Tensor:
-    "A zero buffer shaped like `p`, paged on CUDA when asked for and large enough"
+def state_buffer(p:Tensor, dtype:torch.dtype, paged:bool, stacked:bool=False) -> Tensor:
+    "A zero buffer shaped like `p` (`(2, *p.shape)` when `stacked`), paged on CUDA when asked for and large enough"
+    shape = (2, *p.shape) if stacked else tuple(p.shape)
     if paged and p.device.type == 'cuda' and p.numel() >= PAGED_MIN_NUMEL:
         BF = bnb_functional()
-        buf = BF.get_paged(*p.shape, dtype=dtype, device=p.device)
+        buf = BF.get_paged(*shape, dtype=dtype, device=p.device)
         BF.fill(buf, 0)
         return buf
-    return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+    return torch.zeros(shape, dtype=dtype, device=p.device)
 
 def init_eightbit_state(p:Tensor, state:dict, spec:EightBitSpec, args:EightBitArgs):
     "Create `p`'s bitsandbytes state in `state`"
     quantize = args.optim_bits == 8 and p.numel() >= args.min_8bit_size
     for i in (1, 2) if spec.two_states else (1,):
-        state[f'state{i}'] = state_buffer(p, torch.uint8 if quantize else torch.float32, args.is_paged)
+        stacked = spec.stacked_state1 and i == 1
+        state[f'state{i}'] = state_buffer(p, torch.uint8 if quantize else torch.float32, args.is_paged, stacked)
         if quantize:
             state[f'qmap{i}'] = dynamic_map(p.device, signed=i == 1)
-            state[f'absmax{i}'] = torch.zeros(math.ceil(p.numel() / BLOCKSIZE), dtype=torch.float32, device=p.device)
+            blocks = math.ceil(p.numel() / BLOCKSIZE)
+            state[f'absmax{i}'] = torch.zeros((2, blocks) if stacked else blocks, dtype=torch.float32, device=p.device)
 
 # %% ../nbs/01_eightbit.ipynb #9596ee57
 def update_tensor(spec:EightBitSpec, p:Tensor, g:Tensor, state:dict, lr:float, wd:float, beta1:float, beta2:float=0.,
-                  eps:float=0.):
+                  eps:float=0., beta3:float=0., alpha:float=0.):
     "One bitsandbytes kernel call for parameter `p`"
     BF = bnb_functional()
     if state['state1'].dtype == torch.uint8:
         BF.optimizer_update_8bit_blockwise(
             optimizer_name=spec.kernel, g=g, p=p, state1=state['state1'], state2=state.get('state2'),
-            beta1=beta1, beta2=beta2, beta3=0., alpha=0., eps=eps, step=state['step'], lr=lr,
+            beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, eps=eps, step=state['step'], lr=lr,
             qmap1=state['qmap1'], qmap2=state.get('qmap2'), absmax1=state['absmax1'], absmax2=state.get('absmax2'),
             weight_decay=wd, gnorm_scale=1.)
     else:
         BF.optimizer_update_32bit(
             optimizer_name=spec.kernel, g=g, p=p, state1=state['state1'], beta1=beta1, eps=eps, step=state['step'],
-            lr=lr, state2=state.get('state2'), beta2=beta2, weight_decay=wd, gnorm_scale=1.)
+            lr=lr, state2=state.get('state2'), beta2=beta2, beta3=beta3, alpha=alpha, weight_decay=wd, gnorm_scale=1.)
 
 def eightbit_step(opt, group:TensorGroup, grads:list[Tensor]):
     "Step `group` of `opt` with bitsandbytes' kernels"
