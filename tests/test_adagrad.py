@@ -68,37 +68,6 @@ def test_eightbit_stays_within_the_update_bound(init):
 
 
 @pytest.mark.parametrize('path', ['native', 'foreach', 'fused', 'eightbit'])
-def test_checkpoint_resume_is_exact(path):
-    kw = dict(wd=WD, lr_decay=0.02, initial_accumulator_value=0.1)
-    make = lambda ps: fx_groups(Adagrad, ps, path, **kw)
-    a, b = make_params(), make_params()
-    uninterrupted = run(make(a), a, 30)
-    first = make(b)
-    run(first, b, 15)
-    saved = roundtrip({'params': [p.detach() for p in b], 'opt': first.state_dict()})
-    c = [p.clone().requires_grad_() for p in saved['params']]
-    second = make(c)
-    second.load_state_dict(saved['opt'])
-    assert second.state[c[0]]['step'] == 15
-    assert_close_lists(run(second, c, 15, start=15), uninterrupted, atol=0.)
-
-
-def test_checkpoint_moves_native_fused_foreach():
-    kw = dict(wd=WD, lr_decay=0.02, initial_accumulator_value=0.1)
-    a = make_params()
-    uninterrupted = run(fx_groups(Adagrad, a, 'native', **kw), a, 30)
-    ps, last = make_params(), None
-    for i, path in enumerate(('native', 'fused', 'foreach')):
-        ps = [p.detach().clone().requires_grad_() for p in ps]
-        opt = fx_groups(Adagrad, ps, path, **kw)
-        if last is not None: opt.load_state_dict(last)
-        run(opt, ps, 10, start=10 * i)
-        last = roundtrip(opt.state_dict())
-    assert [s['step'] for s in last['state']] == [30] * len(ps)
-    assert_close_lists(ps, uninterrupted, atol=1e-6)
-
-
-@pytest.mark.parametrize('path', ['native', 'foreach', 'fused', 'eightbit'])
 def test_late_first_gradient_starts_from_the_initial_value(path):
     "A tensor without a gradient for the first steps gets the initial value and lr_decay from its own step count"
     a, b = make_params(), make_params()

@@ -124,33 +124,6 @@ def test_fused_matches_native_through_the_storage_traps():
     assert_close_lists(results[1], results[0], atol=1e-6)
 
 
-@pytest.mark.parametrize('path', ['native', 'foreach', 'fused', 'eightbit'])
-def test_checkpoint_roundtrip_continues_exactly(path):
-    a, b = make_params(), make_params()
-    uninterrupted = run(fx_ade(a, path, **SCHED), a, 20)
-    first = fx_ade(b, path, **SCHED)
-    run(first, b, 10)
-    sd = roundtrip(first.state_dict())
-    c = [p.detach().clone().requires_grad_() for p in b]
-    second = fx_ade(c, path, **SCHED)
-    second.load_state_dict(sd)
-    assert_close_lists(run(second, c, 10, start=10), uninterrupted, atol=0.)
-
-
-def test_checkpoint_moves_native_fused_foreach():
-    a = make_params()
-    uninterrupted = run(fx_ade(a, 'native', **SCHED), a, 30)
-    ps, last = make_params(), None
-    for i, path in enumerate(('native', 'fused', 'foreach')):
-        ps = [p.detach().clone().requires_grad_() for p in ps]
-        opt = fx_ade(ps, path, **SCHED)
-        if last is not None: opt.load_state_dict(last)
-        run(opt, ps, 10, start=10 * i)
-        last = roundtrip(opt.state_dict())
-    assert [s['step'] for s in last['state']] == [30] * len(ps)
-    assert_close_lists(ps, uninterrupted, atol=1e-6)
-
-
 def test_partial_checks_at_once():
     with pytest.raises(ValueError, match='`beta2` must be in'): ademamix(beta2=1.)
     with pytest.raises(ValueError, match='`t_beta3` needs'): ademamix(t_beta3=10, beta3=0.)

@@ -39,7 +39,9 @@ def test_same_errors_on_every_path(name, path):
 
 
 RESUME_KWARGS = {'adam': dict(amsgrad=False, decouple_wd=False), 'lars': dict(nesterov=True, clip=True),
-                 'sgd': dict(decouple_wd=False, nesterov=True), 'rmsprop': dict(decouple_wd=False)}
+                 'sgd': dict(dampening=0.2, wd=0.05, decouple_wd=False), 'rmsprop': dict(wd=0.05, decouple_wd=False),
+                 'adagrad': dict(wd=0.05, lr_decay=0.02, initial_accumulator_value=0.1),
+                 'qhadam': dict(nu_2=0.6, decouple_wd=False), 'ademamix': dict(t_alpha=20, t_beta3=20)}
 
 
 @pytest.mark.parametrize('name,path', CASES)
@@ -57,6 +59,29 @@ def test_checkpoint_resume_is_exact(name, path):
     assert all(second.state[c[i]]['do_wd'] is False for i in NO_WD) and second.hypers[0]['lr'] == LRS[0]
     assert second.state[c[0]]['step'] == 15
     assert_close_lists(run(second, c, 15, start=15), uninterrupted, atol=0.)
+
+
+MOVE_KWARGS = {'sgd': dict(nesterov=True, wd=0.05), 'rmsprop': dict(mom=0.9, wd=0.05, eps=1e-4),
+               'adagrad': dict(wd=0.05, lr_decay=0.02, initial_accumulator_value=0.1), 'radam': dict(wd=0.05),
+               'qhadam': dict(wd=0.05), 'lamb': dict(wd=0.05), 'ademamix': dict(wd=0.05, t_alpha=20, t_beta3=20),
+               'adam': dict(amsgrad=True), 'lars': dict(clip=True, wd=0.01)}
+
+
+@pytest.mark.parametrize('name', MOVE_KWARGS)
+def test_checkpoint_moves_native_fused_foreach(name):
+    "One run moved native -> fused -> foreach through weights_only checkpoints ends where native alone ends"
+    make = lambda ps, path: fx_groups(OPTIMIZERS[name], ps, path, **MOVE_KWARGS[name])
+    a = make_params()
+    uninterrupted = run(make(a, 'native'), a, 30)
+    ps, last = make_params(), None
+    for i, path in enumerate(('native', 'fused', 'foreach')):
+        ps = [p.detach().clone().requires_grad_() for p in ps]
+        opt = make(ps, path)
+        if last is not None: opt.load_state_dict(last)
+        run(opt, ps, 10, start=10 * i)
+        last = roundtrip(opt.state_dict())
+    assert [s['step'] for s in last['state']] == [30] * len(ps)
+    assert_close_lists(ps, uninterrupted, atol=1e-6)
 
 
 @pytest.mark.parametrize('name', OPTIMIZERS)

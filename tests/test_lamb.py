@@ -106,34 +106,6 @@ def test_eightbit_stays_within_the_quantization_bound():
     assert sum(eight.state[p]['state1'].dtype == torch.uint8 for p in a) == 2
 
 
-@pytest.mark.parametrize('path', ['native', 'foreach', 'fused', 'eightbit'])
-def test_checkpoint_roundtrip_continues_exactly(path):
-    a, b = make_params(), make_params()
-    uninterrupted = run(fx_lamb(a, path), a, 20)
-    first = fx_lamb(b, path)
-    run(first, b, 10)
-    sd = roundtrip(first.state_dict())
-    c = [p.detach().clone().requires_grad_() for p in b]
-    second = fx_lamb(c, path)
-    second.load_state_dict(sd)
-    assert_close_lists(run(second, c, 10, start=10), uninterrupted, atol=0.)
-
-
-def test_checkpoint_moves_native_fused_foreach():
-    a = make_params()
-    uninterrupted = run(fx_lamb(a, 'native'), a, 30)
-    ps, last = make_params(), None
-    for i, path in enumerate(('native', 'fused', 'foreach')):
-        ps = [p.detach().clone().requires_grad_() for p in ps]
-        opt = fx_lamb(ps, path)
-        if last is not None: opt.load_state_dict(last)
-        run(opt, ps, 10, start=10 * i)
-        last = roundtrip(opt.state_dict())
-    assert [s['step'] for s in last['state']] == [30] * len(ps)
-    assert set(last['state'][0]) >= {'grad_avg', 'sqr_avg'}
-    assert_close_lists(ps, uninterrupted, atol=1e-6)
-
-
 def test_partial_checks_at_once_and_builds_every_path():
     with pytest.raises(ValueError, match='`sqr_mom` must be in'): lamb(sqr_mom=1.)
     with pytest.raises(ValueError, match='`eps` must be'): lamb(eps=-1e-8)

@@ -39,37 +39,6 @@ def test_every_path_matches_fastai_over_60_steps(path, kwargs):
     assert max((a - b).abs().max() for a, b in zip(got, start)) > 0.05  # the weights did travel
 
 
-@pytest.mark.parametrize('path', PATHS)
-def test_checkpoint_resume_is_exact(path):
-    "Saved mid-run through torch.load(weights_only=True), then continued: bitwise the uninterrupted run"
-    kw = dict(nu_2=0.6, decouple_wd=False)
-    a, b = make_params(), make_params()
-    uninterrupted = run(fx_qhadam(a, path, **kw), a, 30)
-    first = fx_qhadam(b, path, **kw)
-    run(first, b, 15)
-    saved = roundtrip({'params': [p.detach() for p in b], 'opt': first.state_dict()})
-    c = [p.clone().requires_grad_() for p in saved['params']]
-    second = fx_qhadam(c, path, no_wd=(), **kw)
-    second.load_state_dict(saved['opt'])
-    assert second.state[c[1]]['do_wd'] is False and second.hypers[0]['lr'] == LRS[0]
-    assert second.state[c[0]]['step'] == 15
-    assert_close_lists(run(second, c, 15, start=15), uninterrupted, atol=0.)
-
-
-def test_checkpoint_moves_native_fused_foreach():
-    a = make_params()
-    uninterrupted = run(fx_qhadam(a, 'native'), a, 30)
-    ps, last = make_params(), None
-    for i, path in enumerate(('native', 'fused', 'foreach')):
-        ps = [p.detach().clone().requires_grad_() for p in ps]
-        opt = fx_qhadam(ps, path)
-        if last is not None: opt.load_state_dict(last)
-        run(opt, ps, 10, start=10 * i)
-        last = roundtrip(opt.state_dict())
-    assert [s['step'] for s in last['state']] == [30] * len(ps)
-    assert_close_lists(ps, uninterrupted, atol=1e-6)
-
-
 def test_eightbit_is_refused_with_the_optimizers_that_have_it():
     w = [torch.zeros(3, requires_grad=True)]
     for make in (lambda: QHAdam(w, lr=1e-3, eightbit=True), lambda: qhadam(eightbit=True)):

@@ -90,37 +90,6 @@ def test_eightbit_stays_within_the_quantization_bound():
         assert (p - q).norm() <= 0.05 * (q - p0).norm()  # measured: errors of successive steps largely cancel
 
 
-@pytest.mark.parametrize('path', ['native', 'foreach', 'fused', 'eightbit'])
-def test_checkpoint_resume_is_exact(path):
-    kw = dict(mom=0.9, dampening=0.2, wd=WD, decouple_wd=False)
-    make = lambda ps: fx_groups(SGD, ps, path, **kw)
-    a, b = make_params(), make_params()
-    uninterrupted = run(make(a), a, 30)
-    first = make(b)
-    run(first, b, 15)
-    saved = roundtrip({'params': [p.detach() for p in b], 'opt': first.state_dict()})
-    c = [p.clone().requires_grad_() for p in saved['params']]
-    second = make(c)
-    second.load_state_dict(saved['opt'])
-    assert second.state[c[0]]['step'] == 15
-    assert_close_lists(run(second, c, 15, start=15), uninterrupted, atol=0.)
-
-
-def test_checkpoint_moves_native_fused_foreach():
-    kw = dict(mom=0.9, nesterov=True, wd=WD)
-    a = make_params()
-    uninterrupted = run(fx_groups(SGD, a, 'native', **kw), a, 30)
-    ps, last = make_params(), None
-    for i, path in enumerate(('native', 'fused', 'foreach')):
-        ps = [p.detach().clone().requires_grad_() for p in ps]
-        opt = fx_groups(SGD, ps, path, **kw)
-        if last is not None: opt.load_state_dict(last)
-        run(opt, ps, 10, start=10 * i)
-        last = roundtrip(opt.state_dict())
-    assert [s['step'] for s in last['state']] == [30] * len(ps)
-    assert_close_lists(ps, uninterrupted, atol=1e-6)
-
-
 @pytest.mark.parametrize('path', ['native', 'foreach', 'fused'])
 def test_scheduled_mom_on_plain_sgd_is_ignored_as_in_fastai(path):
     "fit_one_cycle sets `mom` on every optimizer; fastai's SGD(mom=0) keeps stepping plain SGD, and so does ours"
