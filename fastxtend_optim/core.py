@@ -93,8 +93,8 @@ def gather_groups(opt:Optimizer) -> list[TensorGroup]:
             if grad.is_sparse: raise RuntimeError(f"parameter {j} of param group {i} has a sparse gradient: "
                                                   "sparse gradients are not supported")
             state = opt.state[p]
+            key = (i, p.device, p.dtype, state.get('do_wd', True))  # complex tensors keep a group of their own
             if p.is_complex(): p, grad = torch.view_as_real(p), torch.view_as_real(grad)  # (..., 2) real views
-            key = (i, p.device, p.dtype, state.get('do_wd', True))
             group = by_key.get(key)
             if group is None: group = by_key[key] = TensorGroup(hyper, key[3], key)
             group.params.append(p); group.grads.append(grad); group.states.append(state)
@@ -207,7 +207,7 @@ class FXOptimizer(Optimizer):
         check_hypers(self.checks, **defaults)
         if group_check is not None: group_check(defaults)
         super().__init__(params, steppers, **defaults)
-        check_params(self.param_lists, complex_ok and path != 'fused', path)
+        check_params(self.param_lists, complex_ok, path)
         self.foreach_step, self.state_keys, self.path = foreach_step, tuple(state_keys), path
         self.eightbit, self.eightbit_args, self.fused = eightbit, eightbit_args, fused
 
@@ -242,9 +242,10 @@ class FXOptimizer(Optimizer):
         for group in gather_groups(self):
             for state in group.states: state['step'] = state.get('step', 0) + 1
             scales = percentile_scales(group.grads, group.states, group.hyper.get('percentile_clipping', 100))
-            if self.path == 'fused' and self._fused_step(group, scales): continue
+            fused = self.path == 'fused' and not group.key[2].is_complex  # complex groups take ForEach
+            if fused and self._fused_step(group, scales): continue
             grads = scale_grads(group.grads, scales)
-            getattr(self, f'_{self.path}_step')(group, grads)
+            getattr(self, '_foreach_step' if self.path == 'fused' else f'_{self.path}_step')(group, grads)
         return loss
 
     def _fused_step(self, group, scales) -> bool:
