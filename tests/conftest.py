@@ -27,6 +27,17 @@ def run(opt, params, steps, start=0):
     return [p.detach().clone() for p in params]
 
 
+def gappy_run(opt, params, steps):
+    "Like `run`, but tensor 2 has no gradient on some steps: it must not move then, and its step count lags"
+    for i in range(steps):
+        set_grads(params, i)
+        if i % 7 in (2, 3, 4): params[2].grad = None
+        before = params[2].detach().clone()
+        opt.step()
+        if params[2].grad is None: assert torch.equal(params[2], before)
+    return [p.detach().clone() for p in params]
+
+
 LRS = (1e-3, 3e-3)
 NO_WD = (1, 5)  # indexes of `make_params` that get fastai's do_wd=False
 

@@ -64,7 +64,7 @@ def test_checkpoint_resume_is_exact(name, path):
 MOVE_KWARGS = {'sgd': dict(nesterov=True, wd=0.05), 'rmsprop': dict(mom=0.9, wd=0.05, eps=1e-4),
                'adagrad': dict(wd=0.05, lr_decay=0.02, initial_accumulator_value=0.1), 'radam': dict(wd=0.05),
                'qhadam': dict(wd=0.05), 'lamb': dict(wd=0.05), 'ademamix': dict(wd=0.05, t_alpha=20, t_beta3=20),
-               'adam': dict(amsgrad=True), 'lars': dict(clip=True, wd=0.01)}
+               'adam': dict(amsgrad=True), 'lars': dict(clip=True, wd=0.01), 'ranger': dict()}
 
 
 @pytest.mark.parametrize('name', MOVE_KWARGS)
@@ -82,6 +82,12 @@ def test_checkpoint_moves_native_fused_foreach(name):
         last = roundtrip(opt.state_dict())
     assert [s['step'] for s in last['state']] == [30] * len(ps)
     assert_close_lists(ps, uninterrupted, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', sorted(NO_EIGHTBIT))
+def test_eightbit_is_refused_naming_the_optimizers_that_have_it(name):
+    with pytest.raises(ValueError, match='Lion, Adam, LARS, SGD, RMSProp, Adagrad, LAMB and AdEMAMix'):
+        OPTIMIZERS[name]([torch.zeros(3, requires_grad=True)], lr=1e-3, eightbit=True)
 
 
 @pytest.mark.parametrize('name', OPTIMIZERS)

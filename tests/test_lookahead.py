@@ -99,20 +99,6 @@ def test_checkpoint_mid_cycle_resumes_exactly(name, path):
     assert_close_lists(run(second, c, 15, start=15), uninterrupted, atol=0.)
 
 
-def test_ranger_checkpoint_moves_native_fused_foreach():
-    a = make_params()
-    uninterrupted = run(fx_ranger(a, 'native'), a, 33)
-    ps, last = make_params(), None
-    for i, path in enumerate(('native', 'fused', 'foreach')):
-        ps = [p.detach().clone().requires_grad_() for p in ps]
-        opt = fx_ranger(ps, path)
-        if last is not None: opt.load_state_dict(last)
-        run(opt, ps, 11, start=11 * i)
-        last = roundtrip(opt.state_dict())
-    assert last['lookahead_count'] == 33 and [s['step'] for s in last['state']] == [33] * len(ps)
-    assert_close_lists(ps, uninterrupted, atol=1e-6)
-
-
 def test_fused_weights_stay_views_of_the_buffers():
     "The sync writes in place: the layout is never rebuilt, no 'storage replaced' warning, gradients stay views"
     ps = make_params()

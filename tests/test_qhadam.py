@@ -3,7 +3,7 @@ import pytest
 import torch
 import fastai.optimizer as fastai_optim
 from fastxtend_optim.qhadam import QHAdam, qhadam
-from conftest import make_params, set_grads, run, roundtrip, assert_close_lists, fx_groups, LRS
+from conftest import make_params, set_grads, run, gappy_run, roundtrip, assert_close_lists, fx_groups, LRS
 
 WD = 0.05
 PATHS = ('native', 'foreach', 'fused')
@@ -37,23 +37,6 @@ def test_every_path_matches_fastai_over_60_steps(path, kwargs):
     assert opt.path == path
     assert_close_lists(got, run(fastai_qhadam(ref, **kwargs), ref, 60), atol=1e-6)
     assert max((a - b).abs().max() for a, b in zip(got, start)) > 0.05  # the weights did travel
-
-
-def test_eightbit_is_refused_with_the_optimizers_that_have_it():
-    w = [torch.zeros(3, requires_grad=True)]
-    for make in (lambda: QHAdam(w, lr=1e-3, eightbit=True), lambda: qhadam(eightbit=True)):
-        with pytest.raises(ValueError, match='Lion, Adam, LARS, SGD, RMSProp, Adagrad, LAMB and AdEMAMix'): make()
-
-
-def gappy_run(opt, params, steps):
-    "Tensor 2 has no gradient on some steps: it must not move"
-    for i in range(steps):
-        set_grads(params, i)
-        if i % 7 in (2, 3, 4): params[2].grad = None
-        before = params[2].detach().clone()
-        opt.step()
-        if params[2].grad is None: assert torch.equal(params[2], before)
-    return [p.detach().clone() for p in params]
 
 
 @pytest.mark.parametrize('kwargs', [dict(nu_2=0.6), dict(percentile_clipping=80, decouple_wd=False)])

@@ -3,7 +3,7 @@ import pytest
 import torch
 import fastai.optimizer as fastai_optim
 from fastxtend_optim.radam import RAdam, radam
-from conftest import make_params, set_grads, run, roundtrip, assert_close_lists, fx_groups, LRS
+from conftest import make_params, set_grads, run, gappy_run, roundtrip, assert_close_lists, fx_groups, LRS
 
 WD = 0.05
 PATHS = ('native', 'foreach', 'fused')
@@ -66,23 +66,6 @@ def test_fused_schedules_do_not_recompile():
     opt.set_hyper('lr', 5e-3); opt.set_hyper('mom', 0.8); opt.set_hyper('beta', 30.)
     run(opt, ps, 8, start=2)  # crosses into the rectified regime
     assert counters['stats']['unique_graphs'] == compiled
-
-
-def test_eightbit_is_refused_with_the_optimizers_that_have_it():
-    w = [torch.zeros(3, requires_grad=True)]
-    for make in (lambda: RAdam(w, lr=1e-3, eightbit=True), lambda: radam(eightbit=True)):
-        with pytest.raises(ValueError, match='Lion, Adam, LARS, SGD, RMSProp, Adagrad, LAMB and AdEMAMix'): make()
-
-
-def gappy_run(opt, params, steps):
-    "Tensor 2 has no gradient on some steps: it must not move, and its step count lags (a mixed-regime group)"
-    for i in range(steps):
-        set_grads(params, i)
-        if i % 7 in (2, 3, 4): params[2].grad = None
-        before = params[2].detach().clone()
-        opt.step()
-        if params[2].grad is None: assert torch.equal(params[2], before)
-    return [p.detach().clone() for p in params]
 
 
 @pytest.mark.parametrize('kwargs', [dict(), dict(percentile_clipping=80, beta=20.)])
