@@ -38,6 +38,18 @@ def gappy_run(opt, params, steps):
     return [p.detach().clone() for p in params]
 
 
+def lockstep_absmax(eight, full, a, b, steps):
+    """Step an 8-bit and a full-precision optimizer side by side; returns the largest `absmax1` of the 8-bit
+    tensors and half the widest gap of bitsandbytes' signed map, the two numbers the quantization bounds need"""
+    import bitsandbytes.functional as BF
+    absmax = 0.
+    for i in range(steps):
+        run(eight, a, 1, start=i)
+        run(full, b, 1, start=i)
+        absmax = max([absmax] + [eight.state[p]['absmax1'].max().item() for p in a if p.numel() >= 4096])
+    return absmax, ((BF.create_dynamic_map(signed=True).sort().values.diff()).max() / 2).item()
+
+
 LRS = (1e-3, 3e-3)
 NO_WD = (1, 5)  # indexes of `make_params` that get fastai's do_wd=False
 

@@ -1,12 +1,11 @@
 "LAMB against fastai's Lamb on every path, bitsandbytes' lamb kernel with and without 8-bit state, checkpoints."
 import pytest
 import torch
-import bitsandbytes.functional as BF
 import fastai.optimizer as fastai_optim
 from fastai.optimizer import debias
 from fastxtend_optim import core
 from fastxtend_optim.lamb import Lamb, lamb, lamb_direction, _moment
-from conftest import make_params, run, roundtrip, assert_close_lists, fx_groups, LRS, PATH_KWARGS
+from conftest import lockstep_absmax, make_params, run, roundtrip, assert_close_lists, fx_groups, LRS, PATH_KWARGS
 from test_fused import messy_run
 
 WD = 0.05
@@ -90,12 +89,7 @@ def test_eightbit_stays_within_the_quantization_bound():
     a, b = make_params(), make_params()
     start = [p.detach().clone() for p in b]
     eight, native = fx_lamb(a, 'eightbit'), fx_lamb(b, 'native')
-    absmax = 0.
-    for i in range(steps):
-        run(eight, a, 1, start=i)
-        run(native, b, 1, start=i)
-        absmax = max([absmax] + [eight.state[p]['absmax1'].max().item() for p in a if p.numel() >= 4096])
-    half_gap = ((BF.create_dynamic_map(signed=True).sort().values.diff()).max() / 2).item()
+    absmax, half_gap = lockstep_absmax(eight, native, a, b, steps)
     for p, q, p0 in zip(a, b, start):
         if p.numel() < 4096: continue
         drift = (p - q).abs().max().item()

@@ -2,11 +2,10 @@
 import pytest
 import torch
 import bitsandbytes.optim as bnb_optim
-import bitsandbytes.functional as BF
 import fastai.optimizer as fastai_optim
 from fastxtend_optim import core
 from fastxtend_optim.lars import Lars, _buffer
-from conftest import make_params, run, assert_close_lists, fx_groups, torch_groups, LRS, PATH_KWARGS
+from conftest import lockstep_absmax, make_params, run, assert_close_lists, fx_groups, torch_groups, LRS, PATH_KWARGS
 
 TRUST = 0.5  # large enough that 100 steps move the weights far from where they started
 
@@ -78,12 +77,7 @@ def test_eightbit_stays_within_the_quantization_bound():
     a, b = make_params(), make_params()
     start = [p.detach().clone() for p in b]
     eight, native = fx_lars(a, 'eightbit', clip=True, mom=mom), fx_lars(b, 'native', clip=True, mom=mom)
-    absmax = 0.
-    for i in range(steps):
-        run(eight, a, 1, start=i)
-        run(native, b, 1, start=i)
-        absmax = max([absmax] + [eight.state[p]['absmax1'].max().item() for p in a if p.numel() >= 4096])
-    half_gap = ((BF.create_dynamic_map(signed=True).sort().values.diff()).max() / 2).item()
+    absmax, half_gap = lockstep_absmax(eight, native, a, b, steps)
     buf_bound = half_gap * absmax / (1 - mom)
     for p, q, p0 in zip(a, b, start):
         if p.numel() < 4096: continue

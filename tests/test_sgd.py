@@ -2,11 +2,10 @@
 import pytest
 import torch
 import bitsandbytes.optim as bnb_optim
-import bitsandbytes.functional as BF
 import fastai.optimizer as fastai_optim
 from fastxtend_optim.sgd import SGD
 from fastxtend_optim.lars import _buffer
-from conftest import make_params, run, assert_close_lists, fx_groups, torch_groups, roundtrip, LRS
+from conftest import lockstep_absmax, make_params, run, assert_close_lists, fx_groups, torch_groups, roundtrip, LRS
 
 WD = 0.01
 TORCH_CASES = [dict(mom=0.), dict(mom=0.9), dict(mom=0.9, dampening=0.3), dict(mom=0.9, nesterov=True)]
@@ -75,12 +74,7 @@ def test_eightbit_stays_within_the_quantization_bound():
     a, b = make_params(), make_params()
     start = [p.detach().clone() for p in b]
     eight, native = fx_groups(SGD, a, 'eightbit', mom=mom), fx_groups(SGD, b, 'native', mom=mom)
-    absmax = 0.
-    for i in range(steps):
-        run(eight, a, 1, start=i)
-        run(native, b, 1, start=i)
-        absmax = max([absmax] + [eight.state[p]['absmax1'].max().item() for p in a if p.numel() >= 4096])
-    half_gap = (BF.create_dynamic_map(signed=True).sort().values.diff().max() / 2).item()
+    absmax, half_gap = lockstep_absmax(eight, native, a, b, steps)
     buf_bound = half_gap * absmax / (1 - mom)
     for p, q, p0 in zip(a, b, start):
         if p.numel() < 4096: continue
