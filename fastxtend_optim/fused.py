@@ -14,7 +14,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'stacked_norms', 'own_storage_view', 'Placement', 'FusedLayout', 'fused_kernel',
-           'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step']
+           'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step', 'compiled_or_eager']
 
 # %% ../nbs/02_fused.ipynb #2f9b8bc9
 BLOCK = 256
@@ -271,15 +271,16 @@ def _run(opt, layout:FusedLayout, args:tuple, consts:dict, runs:list) -> bool:
         rows = slice(layout.starts[a], layout.starts[b])
         bufs = {k: buf[rows] for k, buf in layout.bufs.items()}
         call = (update, bufs, *args, layout.block_member[rows], consts)
-        if rows.stop - rows.start < 2 or fused_unavailable(layout.bufs['p'].device): _fused_apply(*call)
-        else: _compiled_or_eager(kernel, call)
+        compiled_or_eager(kernel, _fused_apply, rows.stop - rows.start, layout.bufs['p'].device, *call)
     return True
 
-def _compiled_or_eager(kernel:Callable, call:tuple):
-    "Run `kernel`; if compiling fails, record why (later steps take ForEach) and finish this step eagerly"
+def compiled_or_eager(kernel:Callable, eager:Callable, rows:int, device:torch.device, *args):
+    """`kernel(*args)`, or `eager(*args)` for a single row or where the device cannot compile; if compiling fails,
+    record why (later steps take ForEach) and finish eagerly. Any compiled helper of an optimizer goes through here"""
     from torch._dynamo.exc import BackendCompilerFailed
     from torch._inductor.exc import InductorError
-    try: kernel(*call)
+    if rows < 2 or fused_unavailable(device) is not None: return eager(*args)
+    try: return kernel(*args)
     except (BackendCompilerFailed, InductorError) as e:
-        _UNAVAILABLE[call[1]['p'].device.type] = f'torch.compile failed: {str(e).splitlines()[0]}'
-        _fused_apply(*call)
+        _UNAVAILABLE[device.type] = f'torch.compile failed: {str(e).splitlines()[0]}'
+        return eager(*args)

@@ -11,7 +11,7 @@ from torch import Tensor
 from fastai.optimizer import debias
 from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
-from .fused import FusedSpec, stacked_norms
+from .fused import FusedSpec, stacked_norms, compiled_or_eager
 
 # %% auto #0
 __all__ = ['MAX_TRUST', 'LAMB_8BIT', 'LAMB_FUSED', 'LAMB_CHECKS', 'lamb', 'lamb_direction', 'lamb_trust', 'tensor_trust',
@@ -127,9 +127,10 @@ def lamb_direction_norms(h:dict, group, debias1:Tensor, debias2:Tensor) -> Tenso
     for a, b in group.runs:
         rows = slice(layout.starts[a], layout.starts[b])
         member = layout.block_member[rows]
-        fn = _direction_sq_rows if rows.stop - rows.start < 2 else _compiled_sq_rows()
         bufs = [layout.bufs[k][rows] for k in ('g', 'grad_avg', 'sqr_avg', 'p')]
-        sq.index_add_(0, member, fn(*bufs, per[:, member], consts))
+        row_sq = compiled_or_eager(_compiled_sq_rows(), _direction_sq_rows, rows.stop - rows.start, dev, *bufs,
+                                   per[:, member], consts)
+        sq.index_add_(0, member, row_sq)
     return sq.sqrt()[group.members]
 
 # %% ../nbs/18_lamb.ipynb #eef862fd
