@@ -7,6 +7,13 @@ from fastxtend_optim.core import select_path
 from fastxtend_optim.lion import Lion
 from fastxtend_optim.adam import Adam
 from fastxtend_optim.lars import Lars
+from fastxtend_optim.sgd import SGD
+from fastxtend_optim.rmsprop import RMSProp
+from fastxtend_optim.adagrad import Adagrad
+from fastxtend_optim.radam import RAdam
+from fastxtend_optim.qhadam import QHAdam
+from fastxtend_optim.lamb import Lamb
+from fastxtend_optim.ademamix import AdEMAMix
 from fastxtend_optim import fused as fused_mod
 from conftest import make_params, set_grads, run, fx_groups, roundtrip, assert_close_lists, LRS
 
@@ -19,6 +26,13 @@ CONFIGS = {
     'lars_nesterov': (Lars, dict(nesterov=True, wd=1e-2, decouple_wd=False)),
     'lars_max_unorm': (Lars, dict(max_unorm=0.02, dampening=0.1, wd=1e-2)),
     'adam_clipped': (Adam, dict(percentile_clipping=80)),
+    'sgd_nesterov': (SGD, dict(mom=0.9, nesterov=True, wd=1e-2)),
+    'rmsprop_mom': (RMSProp, dict(mom=0.9, wd=1e-2, decouple_wd=False)),
+    'adagrad': (Adagrad, dict(lr_decay=0.01, initial_accumulator_value=0.1)),
+    'radam_sadam': (RAdam, dict(beta=20., wd=1e-2)),
+    'qhadam': (QHAdam, dict(wd=1e-2)),
+    'lamb_clipped': (Lamb, dict(wd=1e-2, percentile_clipping=80)),
+    'ademamix': (AdEMAMix, dict(t_alpha=50, t_beta3=50)),
 }
 
 
