@@ -50,6 +50,26 @@ def lockstep_absmax(eight, full, a, b, steps):
     return absmax, ((BF.create_dynamic_map(signed=True).sort().values.diff()).max() / 2).item()
 
 
+def assert_matches_reference(opt_fn, ref_fn, path, steps=60, atol=1e-6, **kwargs):
+    "`opt_fn(params, path, **kwargs)` and the reference `ref_fn(params, **kwargs)` end within `atol`, and moved"
+    ours, ref = make_params(), make_params()
+    start = [p.detach().clone() for p in ours]
+    opt = opt_fn(ours, path, **kwargs)
+    got = run(opt, ours, steps)
+    assert opt.path == path
+    assert_close_lists(got, run(ref_fn(ref, **kwargs), ref, steps), atol=atol)
+    assert max((a - b).abs().max() for a, b in zip(got, start)) > 0.05  # the weights did travel
+
+
+def assert_paths_match_native(opt_fn, paths=('fused', 'foreach'), steps=60, atol=1e-6, **kwargs):
+    "Each of `paths` ends within `atol` of the native path, over the two-group model"
+    a = make_params()
+    native = run(fx_groups(opt_fn, a, 'native', **kwargs), a, steps)
+    for path in paths:
+        ps = make_params()
+        assert_close_lists(run(fx_groups(opt_fn, ps, path, **kwargs), ps, steps), native, atol=atol)
+
+
 LRS = (1e-3, 3e-3)
 NO_WD = (1, 5)  # indexes of `make_params` that get fastai's do_wd=False
 

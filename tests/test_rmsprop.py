@@ -4,7 +4,7 @@ import torch
 import bitsandbytes.optim as bnb_optim
 import fastai.optimizer as fastai_optim
 from fastxtend_optim.rmsprop import RMSProp
-from conftest import make_params, run, assert_close_lists, fx_groups, torch_groups, roundtrip, LRS
+from conftest import assert_paths_match_native, make_params, run, assert_close_lists, fx_groups, torch_groups, roundtrip, LRS
 
 WD = 0.01
 
@@ -42,10 +42,7 @@ def test_eps_is_honoured_where_fastai_ignores_it():
 
 @pytest.mark.parametrize('kw', [dict(mom=0.9, wd=WD), dict(mom=0.5, decouple_wd=False, wd=WD, eps=1e-3)])
 def test_fused_and_foreach_equal_native(kw):
-    a, b, c = make_params(), make_params(), make_params()
-    native = run(fx_groups(RMSProp, a, 'native', **kw), a, 60)
-    assert_close_lists(run(fx_groups(RMSProp, b, 'fused', **kw), b, 60), native, atol=1e-6)
-    assert_close_lists(run(fx_groups(RMSProp, c, 'foreach', **kw), c, 60), native, atol=1e-6)
+    assert_paths_match_native(RMSProp, **kw)
 
 
 @pytest.mark.parametrize('optim_bits,bnb_cls', [(8, bnb_optim.RMSprop8bit), (32, bnb_optim.RMSprop32bit)])

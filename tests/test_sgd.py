@@ -5,7 +5,7 @@ import bitsandbytes.optim as bnb_optim
 import fastai.optimizer as fastai_optim
 from fastxtend_optim.sgd import SGD
 from fastxtend_optim.lars import _buffer
-from conftest import lockstep_absmax, make_params, run, assert_close_lists, fx_groups, torch_groups, roundtrip, LRS
+from conftest import assert_paths_match_native, lockstep_absmax, make_params, run, assert_close_lists, fx_groups, torch_groups, roundtrip, LRS
 
 WD = 0.01
 TORCH_CASES = [dict(mom=0.), dict(mom=0.9), dict(mom=0.9, dampening=0.3), dict(mom=0.9, nesterov=True)]
@@ -41,10 +41,7 @@ def test_l2_matches_torch_sgd(path, kw):
 
 @pytest.mark.parametrize('kw', [dict(mom=0.9, dampening=0.3, wd=WD), dict(mom=0.9, nesterov=True, wd=WD)])
 def test_fused_and_foreach_equal_native_with_decoupled_decay(kw):
-    a, b, c = make_params(), make_params(), make_params()
-    native = run(fx_groups(SGD, a, 'native', **kw), a, 60)
-    assert_close_lists(run(fx_groups(SGD, b, 'fused', **kw), b, 60), native, atol=1e-6)
-    assert_close_lists(run(fx_groups(SGD, c, 'foreach', **kw), c, 60), native, atol=1e-6)
+    assert_paths_match_native(SGD, **kw)
 
 
 @pytest.mark.parametrize('optim_bits,bnb_cls', [(8, bnb_optim.SGD8bit), (32, bnb_optim.SGD32bit)])
