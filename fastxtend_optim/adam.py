@@ -10,9 +10,11 @@ from functools import partial
 import torch
 from torch import Tensor
 from fastai.optimizer import debias
-from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range
+from typing import Callable
+from .core import (opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range,
+                                  boolean, cautious_, cautious_foreach_, check_cautious)
 from .eightbit import EightBitSpec, eightbit_args
-from .fused import FusedSpec
+from .fused import FusedSpec, uncautious
 
 # %% auto #0
 __all__ = ['ADAM_8BIT', 'ADAM_FUSED', 'ADAM_CHECKS', 'adam', 'adam_step', 'adam_foreach_step', 'adam_kernel_hypers',
@@ -20,20 +22,22 @@ __all__ = ['ADAM_8BIT', 'ADAM_FUSED', 'ADAM_CHECKS', 'adam', 'adam_step', 'adam_
 
 # %% ../nbs/11_adam.ipynb #5cd0d215
 def adam_step(p:Tensor, grad:Tensor, lr:float, mom:float, sqr_mom:float, eps:float, step:int, grad_avg:Tensor,
-              sqr_avg:Tensor, amsgrad:bool=False, max_sqr_avg:Tensor|None=None, **kwargs):
+              sqr_avg:Tensor, amsgrad:bool=False, max_sqr_avg:Tensor|None=None, cautious:bool=False, **kwargs):
     "Adam's update of `p` with `grad`, one tensor at a time, in fastai's operation order"
     grad_avg.mul_(mom).add_(grad, alpha=1 - mom)
     sqr_avg.mul_(sqr_mom).addcmul_(grad, grad, value=1 - sqr_mom)
     if amsgrad: sqr_avg = torch.maximum(max_sqr_avg, sqr_avg, out=max_sqr_avg)
     debias1, debias2 = debias(mom, 1 - mom, step), debias(sqr_mom, 1 - sqr_mom, step)
-    p.addcdiv_(grad_avg, (sqr_avg / debias2).sqrt() + eps, value=-lr / debias1)
+    denom = (sqr_avg / debias2).sqrt() + eps
+    if cautious: p.add_(cautious_(grad_avg / denom, grad), alpha=-lr / debias1)
+    else: p.addcdiv_(grad_avg, denom, value=-lr / debias1)
 
 adam_step.defaults = dict(mom=0.9, sqr_mom=0.99, eps=1e-5)
 
 # %% ../nbs/11_adam.ipynb #718d8080
 def adam_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], sqr_avg:list[Tensor], lr:float,
                       mom:float, sqr_mom:float, eps:float, step:list[int], amsgrad:bool=False,
-                      max_sqr_avg:list[Tensor]|None=None, **kwargs):
+                      max_sqr_avg:list[Tensor]|None=None, cautious:bool=False, **kwargs):
     "Adam's update on lists of tensors"
     torch._foreach_lerp_(grad_avg, grads, 1 - mom)
     torch._foreach_mul_(sqr_avg, sqr_mom)
@@ -44,7 +48,11 @@ def adam_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
     denom = torch._foreach_div(sqr_avg, [debias(sqr_mom, 1 - sqr_mom, t) for t in step])
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, grad_avg, denom, [-lr / debias(mom, 1 - mom, t) for t in step])
+    step_sizes = [-lr / debias(mom, 1 - mom, t) for t in step]
+    if not cautious: return torch._foreach_addcdiv_(params, grad_avg, denom, step_sizes)
+    updates = cautious_foreach_(torch._foreach_div(grad_avg, denom), grads)
+    torch._foreach_mul_(updates, step_sizes)
+    torch._foreach_add_(params, updates)
 
 # %% ../nbs/11_adam.ipynb #a36f2e94
 def adam_kernel_hypers(h:dict) -> dict:
@@ -56,12 +64,12 @@ ADAM_8BIT = EightBitSpec('adam', adam_kernel_hypers, two_states=True)
 # %% ../nbs/11_adam.ipynb #2402469a
 def adam_update(p:Tensor, g:Tensor, grad_avg:Tensor, sqr_avg:Tensor, mom:Tensor, mom_c:Tensor, sqr_mom:Tensor,
                 sqr_mom_c:Tensor, eps:Tensor, step_size:Tensor, debias2:Tensor, max_sqr_avg:Tensor|None=None,
-                **kwargs) -> dict:
+                caution:Callable=uncautious, **kwargs) -> dict:
     "Adam's update as element-wise math, for the fused kernel; `*_c` is `1 - *`, `step_size` is `-lr/debias1`"
     m, v = grad_avg * mom + g * mom_c, sqr_avg * sqr_mom + g * g * sqr_mom_c
     new = dict(grad_avg=m, sqr_avg=v)
     if max_sqr_avg is not None: v = new['max_sqr_avg'] = torch.maximum(max_sqr_avg, v)
-    return dict(new, p=p + step_size * (m / ((v / debias2).sqrt() + eps)))
+    return dict(new, p=p + step_size * caution(m / ((v / debias2).sqrt() + eps), g))
 
 def adam_scalars(h:dict, group) -> dict:
     "The numbers `adam_update` needs; bias corrections per tensor, from each tensor's step"
@@ -71,26 +79,28 @@ def adam_scalars(h:dict, group) -> dict:
                 step_size=-h['lr'] / debias(mom, 1 - mom, steps), debias2=debias(sqr_mom, 1 - sqr_mom, steps))
 
 ADAM_FUSED = FusedSpec(adam_update, adam_scalars)
-ADAM_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, percentile_clipping=percentile_range)
+ADAM_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, cautious=boolean,
+                   percentile_clipping=percentile_range)
 
 # %% ../nbs/11_adam.ipynb #e05c05c5
-def _adam_args(foreach, eightbit, fused, amsgrad, eightbitargs) -> tuple:
-    "The path and 8-bit options, checked; AMSGrad has no bitsandbytes kernel"
+def _adam_args(foreach, eightbit, fused, amsgrad, cautious, eightbitargs) -> tuple:
+    "The path and 8-bit options, checked; AMSGrad and Cautious have no bitsandbytes kernel"
+    check_cautious(cautious, eightbit)
     if not isinstance(amsgrad, bool): raise ValueError(f"`amsgrad` must be a bool, got {amsgrad!r}")
     if amsgrad and eightbit:
         raise ValueError("`amsgrad=True` is not available with `eightbit=True`: bitsandbytes' Adam kernels have no AMSGrad")
     return select_path(foreach, eightbit, fused), eightbit_args(eightbit, ADAM_CHECKS, **eightbitargs)
 
 def Adam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0.01, decouple_wd:bool=True,
-         amsgrad:bool=False, foreach:bool|None=None, fused:bool=False, eightbit:bool=False,
+         amsgrad:bool=False, cautious:bool=False, foreach:bool|None=None, fused:bool=False, eightbit:bool=False,
          percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for Adam (`decouple_wd=False`) or AdamW on the native, ForEach, fused or bitsandbytes path"
-    path, args = _adam_args(foreach, eightbit, fused, amsgrad, eightbitargs)
+    path, args = _adam_args(foreach, eightbit, fused, amsgrad, cautious, eightbitargs)
     keys = ('grad_avg', 'sqr_avg', 'max_sqr_avg') if amsgrad else ('grad_avg', 'sqr_avg')
     return FXOptimizer(params, [partial(adam_step, amsgrad=amsgrad)], partial(adam_foreach_step, amsgrad=amsgrad),
                        state_keys=keys, path=path, checks=ADAM_CHECKS, eightbit=ADAM_8BIT, eightbit_args=args,
                        fused=ADAM_FUSED, complex_ok=True, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
-                       decouple_wd=decouple_wd, percentile_clipping=percentile_clipping)
+                       decouple_wd=decouple_wd, cautious=cautious, percentile_clipping=percentile_clipping)
 
 # %% ../nbs/11_adam.ipynb #452888eb
 adam = opt_partial(Adam)

@@ -16,10 +16,11 @@ from fastai.optimizer import Optimizer
 from fastcore.foundation import L
 
 # %% auto #0
-__all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'unit_interval', 'closed_unit_interval',
+__all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'unit_interval', 'closed_unit_interval', 'boolean',
            'percentile_range', 'check_hypers', 'our_keywords', 'refuse_foreign_keywords', 'TensorGroup',
-           'gather_groups', 'init_state', 'weight_decay_', 'percentile_scales', 'scale_grads', 'clip_by_percentile',
-           'foreach_chunks', 'select_path', 'check_params', 'plain_number', 'FXOptimizer', 'opt_partial']
+           'gather_groups', 'init_state', 'weight_decay_', 'cautious_', 'cautious_foreach_', 'check_cautious',
+           'percentile_scales', 'scale_grads', 'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params',
+           'plain_number', 'FXOptimizer', 'opt_partial']
 
 # %% ../nbs/00_core.ipynb #85b45c8e
 def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -35,6 +36,10 @@ def unit_interval(name:str, v):
 def closed_unit_interval(name:str, v):
     "Raise unless `v` is in [0, 1]"
     if not (_is_number(v) and 0 <= v <= 1): raise ValueError(f"`{name}` must be in [0, 1], got {v!r}")
+
+def boolean(name:str, v):
+    "Raise unless `v` is a bool"
+    if not isinstance(v, bool): raise ValueError(f"`{name}` must be a bool, got {v!r}")
 
 def percentile_range(name:str, v):
     "Raise unless `v` is in (0, 100]"
@@ -115,6 +120,30 @@ def weight_decay_(params:list[Tensor], grads:list[Tensor], lr:float, wd:float, d
         torch._foreach_mul_(params, 1 - lr*wd)
         return grads
     return torch._foreach_add(grads, params, alpha=wd)
+
+# %% ../nbs/00_core.ipynb #fe4730e6
+def cautious_(u:Tensor, g:Tensor) -> Tensor:
+    "Zero `u` where `u*g <= 0` and rescale it by `numel/(kept + 1)`, in place"
+    mask = (u * g > 0).to(u.dtype)
+    return u.mul_(mask.mul_(u.numel() / (mask.sum() + 1)))
+
+def cautious_foreach_(us:list[Tensor], gs:list[Tensor]) -> list[Tensor]:
+    "`cautious_` on lists of tensors: the masks' sums come from one `_foreach_norm(ord=1)`"
+    masks = torch._foreach_mul(us, gs)
+    torch._foreach_sign_(masks)
+    torch._foreach_clamp_min_(masks, 0)
+    kept = torch.stack(torch._foreach_norm(masks, 1))
+    numels = torch.tensor([u.numel() for u in us], dtype=kept.dtype, device=kept.device)
+    torch._foreach_mul_(masks, list((numels / (kept + 1)).to(us[0].dtype).unbind()))
+    torch._foreach_mul_(us, masks)
+    return us
+
+def check_cautious(cautious, eightbit):
+    "`cautious` must be a bool, and cannot reach bitsandbytes' kernels, which apply their own update"
+    boolean('cautious', cautious)
+    if cautious and eightbit:
+        raise ValueError("`cautious=True` is not available with `eightbit=True`: bitsandbytes' kernels apply the "
+                         "update themselves, so it cannot be masked")
 
 # %% ../nbs/00_core.ipynb #98a20fd3
 GNORM_HISTORY = 100

@@ -7,14 +7,15 @@ Docs: https://fastxtend.github.io/fastxtend_optim/fused.html.md"""
 # %% ../nbs/02_fused.ipynb #3d3b1a10
 from __future__ import annotations
 import itertools, math, operator, types, warnings
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'stacked_norms', 'own_storage_view', 'Placement', 'FusedLayout', 'fused_kernel',
-           'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step', 'compiled_or_eager']
+__all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'stacked_norms', 'own_storage_view', 'Placement', 'FusedLayout', 'uncautious',
+           'fused_kernel', 'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step', 'compiled_or_eager']
 
 # %% ../nbs/02_fused.ipynb #2f9b8bc9
 BLOCK = 256
@@ -24,6 +25,7 @@ class FusedSpec:
     "An optimizer's update on the fused path: element-wise math, and the scalars it needs each step"
     update: Callable  # (p, g, **state, **scalars) -> {'p': new p, state key: new value}; element-wise torch ops
     scalars: Callable  # (hyper, FusedGroup) -> {name: float (group-wide), 1-D tensor (one per tensor) or bool}
+    sums: Callable|None = None  # (p, g, **state, **scalars) -> {name: element-wise tensor}, summed per tensor first
 
 @dataclass
 class FusedGroup:
@@ -172,25 +174,47 @@ class FusedLayout:
         return sq.sqrt()
 
 # %% ../nbs/02_fused.ipynb #bb13eae0
-def _fused_apply(update:Callable, bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor,
-                 vector_names:tuple, block_member:Tensor, consts:dict):
-    "Clip, decay and `update` rows of the buffers in place: `scalars` are group-wide, `vectors` hold one value per member"
+def _kernel_inputs(bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor, vector_names:tuple,
+                   block_member:Tensor) -> tuple:
+    "The update's `p` (decayed), `g` (clipped, plus L2) and keywords: state, group-wide scalars, per-row vectors"
     s = dict(zip(scalar_names, scalars.unbind()))
     v = {k: vec[block_member][:, None] for k, vec in zip(vector_names, vectors.unbind())}
     wide = {k: b.float() if b.element_size() < 4 else b for k, b in bufs.items()}  # fp16/bf16: math in fp32
-    p = wide['p']
-    g = wide['g'] * v.pop('grad_scale') + s.pop('l2') * p
+    g = wide['g'] * v.pop('grad_scale') + s.pop('l2') * wide['p']
     state = {k: b for k, b in wide.items() if k not in ('p', 'g')}
-    for k, new in update(p * s.pop('p_scale'), g, **state, **s, **v, **consts).items(): bufs[k].copy_(new)
+    return wide['p'] * s.pop('p_scale'), g, {**state, **s, **v}
+
+def _fused_apply(update:Callable, bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor,
+                 vector_names:tuple, block_member:Tensor, consts:dict):
+    "Clip, decay and `update` rows of the buffers in place: `scalars` are group-wide, `vectors` hold one value per member"
+    p, g, kw = _kernel_inputs(bufs, scalars, scalar_names, vectors, vector_names, block_member)
+    scale = kw.pop('cautious_scale', None)
+    caution = uncautious if scale is None else partial(_cautious, scale=scale)
+    for k, new in update(p, g, **kw, **consts, caution=caution).items(): bufs[k].copy_(new)
+
+def uncautious(u:Tensor, g:Tensor) -> Tensor:
+    "The `caution` an update gets when `cautious` is off: `u` as it is"
+    return u
+def _cautious(u:Tensor, g:Tensor, scale:Tensor) -> Tensor: return u * ((u * g > 0).to(u.dtype) * scale)
+
+def _fused_sums(update:Callable, bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor, vector_names:tuple,
+                block_member:Tensor, consts:dict, sums:Callable|None, cautious:bool) -> dict:
+    "Row sums of `sums`' expressions and, when `cautious`, of the mask the update's direction keeps (`kept`)"
+    p, g, kw = _kernel_inputs(bufs, scalars, scalar_names, vectors, vector_names, block_member)
+    out = dict(sums(p, g, **kw, **consts)) if sums is not None else {}
+    if cautious:
+        def record(u, g): out['kept'] = u * g > 0; return u
+        update(p, g, **kw, **consts, caution=record)  # only the direction is used: the compiler drops the rest
+    return {k: x.sum(dim=1, dtype=torch.float32) for k, x in out.items()}
 
 _KERNELS = {}
-def fused_kernel(update:Callable) -> Callable:
-    "`_fused_apply` compiled for `update`, once per process; its own code object, so each update has its own cache"
-    if update not in _KERNELS:
-        name = f"fused_{getattr(update, '__name__', 'update')}"
-        fn = types.FunctionType(_fused_apply.__code__.replace(co_name=name), _fused_apply.__globals__, name)
-        _KERNELS[update] = torch.compile(fn, dynamic=True)
-    return _KERNELS[update]
+def fused_kernel(update:Callable, body:Callable=_fused_apply) -> Callable:
+    "`body` (`_fused_apply`) compiled for `update`, once per process, as its own code object with its own cache"
+    if (update, body) not in _KERNELS:
+        name = f"{body.__name__.strip('_')}_{getattr(update, '__name__', 'update')}"
+        fn = types.FunctionType(body.__code__.replace(co_name=name), body.__globals__, name)
+        _KERNELS[update, body] = torch.compile(fn, dynamic=True)
+    return _KERNELS[update, body]
 
 # %% ../nbs/02_fused.ipynb #002b069d
 _UNAVAILABLE = {}
@@ -257,22 +281,41 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None) -> bool:
                     p_scale=1 - h['lr'] * wd if decay and decouple else 1., l2=wd if decay and not decouple else 0.,
                     layout=layout, runs=place.runs, members=place.members)
     named = dict(opt.fused.scalars(h, fg), grad_scale=scales, p_scale=fg.p_scale, l2=fg.l2)
+    cautious = bool(h.get('cautious', False))
+    if opt.fused.sums is not None or cautious: named.update(_member_sums(opt, layout, place, named, cautious))
+    _run(opt, layout, place, named, _fused_apply)
+    return True
+
+def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *extra) -> list:
+    "`body` (compiled where it can be) over each run of `place`, with `named`'s numbers packed; the results per run"
+    device = layout.bufs['p'].device
     consts = {k: v for k, v in named.items() if isinstance(v, bool)}
     snames = tuple(k for k, v in named.items() if not isinstance(v, (bool, Tensor)))
     vnames = tuple(k for k, v in named.items() if isinstance(v, Tensor))
     per_member = torch.ones(len(vnames), max(2, len(layout.params)), device=device)  # 2+: no size-1 specialisation
-    per_member[:, place.members] = _pack([named[k] for k in vnames], device, n)
+    per_member[:, place.members] = _pack([named[k] for k in vnames], device, len(place.index))
     args = (_pack([float(named[k]) for k in snames], device), snames, per_member, vnames)
-    return _run(opt, layout, args, consts, place.runs)
-
-def _run(opt, layout:FusedLayout, args:tuple, consts:dict, runs:list) -> bool:
-    update, kernel = opt.fused.update, fused_kernel(opt.fused.update)
-    for a, b in runs:
+    update, kernel, out = opt.fused.update, fused_kernel(opt.fused.update, body), []
+    for a, b in place.runs:
         rows = slice(layout.starts[a], layout.starts[b])
         bufs = {k: buf[rows] for k, buf in layout.bufs.items()}
-        call = (update, bufs, *args, layout.block_member[rows], consts)
-        compiled_or_eager(kernel, _fused_apply, rows.stop - rows.start, layout.bufs['p'].device, *call)
-    return True
+        call = (update, bufs, *args, layout.block_member[rows], consts, *extra)
+        out.append(compiled_or_eager(kernel, body, rows.stop - rows.start, device, *call))
+    return out
+
+def _member_sums(opt, layout:FusedLayout, place:Placement, named:dict, cautious:bool) -> dict:
+    "Per-tensor vectors from a pre-pass: `FusedSpec.sums`' totals with `numel`, and the cautious rescale factor"
+    device = layout.bufs['p'].device
+    totals = {}
+    for (a, b), row_sums in zip(place.runs, _run(opt, layout, place, named, _fused_sums, opt.fused.sums, cautious)):
+        members = layout.block_member[layout.starts[a]:layout.starts[b]]
+        for k, v in row_sums.items():
+            totals.setdefault(k, torch.zeros(len(layout.params), device=device)).index_add_(0, members, v)
+    out = {k: v[place.members] for k, v in totals.items()}
+    numel = torch.tensor([p.numel() for p in place.params], dtype=torch.float32, device=device)
+    if cautious: out['cautious_scale'] = numel / (out.pop('kept') + 1)
+    if opt.fused.sums is not None: out['numel'] = numel
+    return out
 
 def compiled_or_eager(kernel:Callable, eager:Callable, rows:int, device:torch.device, *args):
     """`kernel(*args)`, or `eager(*args)` for a single row or where the device cannot compile; if compiling fails,

@@ -8,18 +8,22 @@ Docs: https://fastxtend.github.io/fastxtend_optim/lion.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
-from .core import opt_partial, FXOptimizer, select_path, unit_interval, percentile_range
+from typing import Callable
+from .core import (opt_partial, FXOptimizer, select_path, unit_interval, percentile_range, boolean,
+                                  cautious_, cautious_foreach_, check_cautious)
 from .eightbit import EightBitSpec, eightbit_args
-from .fused import FusedSpec
+from .fused import FusedSpec, uncautious
 
 # %% auto #0
 __all__ = ['LION_8BIT', 'LION_FUSED', 'LION_CHECKS', 'lion', 'lion_step', 'lion_foreach_step', 'lion_kernel_hypers',
            'lion_update', 'lion_scalars', 'Lion']
 
 # %% ../nbs/10_lion.ipynb #3dafe593
-def lion_step(p:Tensor, grad:Tensor, lr:float, beta1:float, beta2:float, grad_avg:Tensor, **kwargs):
+def lion_step(p:Tensor, grad:Tensor, lr:float, beta1:float, beta2:float, grad_avg:Tensor, cautious:bool=False,
+              **kwargs):
     "Lion's update of `p` with `grad`, then the momentum update of `grad_avg`, one tensor at a time"
     update = torch.lerp(grad, grad_avg, beta1).sign_()  # beta1*m + (1-beta1)*g
+    if cautious: cautious_(update, grad)
     p.add_(update, alpha=-lr)
     grad_avg.lerp_(grad, 1 - beta2)
 
@@ -27,10 +31,11 @@ lion_step.defaults = dict(beta1=0.9, beta2=0.99)
 
 # %% ../nbs/10_lion.ipynb #f4aa0417
 def lion_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], lr:float, beta1:float,
-                      beta2:float, **kwargs):
+                      beta2:float, cautious:bool=False, **kwargs):
     "Lion's update on lists of tensors"
     updates = torch._foreach_lerp(grads, grad_avg, beta1)
     torch._foreach_sign_(updates)
+    if cautious: cautious_foreach_(updates, grads)
     torch._foreach_add_(params, updates, alpha=-lr)
     torch._foreach_lerp_(grad_avg, grads, 1 - beta2)
 
@@ -42,26 +47,30 @@ def lion_kernel_hypers(h:dict) -> dict:
 LION_8BIT = EightBitSpec('lion', lion_kernel_hypers)
 
 # %% ../nbs/10_lion.ipynb #45891c7e
-def lion_update(p:Tensor, g:Tensor, grad_avg:Tensor, lr:Tensor, beta1:Tensor, beta2_c:Tensor, **kwargs) -> dict:
+def lion_update(p:Tensor, g:Tensor, grad_avg:Tensor, lr:Tensor, beta1:Tensor, beta2_c:Tensor,
+                caution:Callable=uncautious, **kwargs) -> dict:
     "Lion's update as element-wise math, for the fused kernel; `beta2_c` is `1 - beta2`"
-    return dict(p=p - lr * torch.lerp(g, grad_avg, beta1).sign(), grad_avg=torch.lerp(grad_avg, g, beta2_c))
+    update = caution(torch.lerp(g, grad_avg, beta1).sign(), g)
+    return dict(p=p - lr * update, grad_avg=torch.lerp(grad_avg, g, beta2_c))
 
 def lion_scalars(h:dict, group) -> dict:
     "The numbers `lion_update` needs, computed in double precision"
     return dict(lr=h['lr'], beta1=h['beta1'], beta2_c=1 - h['beta2'])
 
 LION_FUSED = FusedSpec(lion_update, lion_scalars)
-LION_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, percentile_clipping=percentile_range)
+LION_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, cautious=boolean, percentile_clipping=percentile_range)
 
 # %% ../nbs/10_lion.ipynb #241cb9d4
-def Lion(params, lr:float, beta1:float=0.9, beta2:float=0.99, wd:float=0.1, foreach:bool|None=None,
-         fused:bool=False, eightbit:bool=False, percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
+def Lion(params, lr:float, beta1:float=0.9, beta2:float=0.99, wd:float=0.1, cautious:bool=False,
+         foreach:bool|None=None, fused:bool=False, eightbit:bool=False, percentile_clipping:float=100,
+         **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for Lion on the native, ForEach (`foreach`), `fused` or bitsandbytes (`eightbit`) path"
     path = select_path(foreach, eightbit, fused)
+    check_cautious(cautious, eightbit)
     args = eightbit_args(eightbit, LION_CHECKS, **eightbitargs)
     return FXOptimizer(params, [lion_step], lion_foreach_step, state_keys=('grad_avg',), path=path,
                        checks=LION_CHECKS, eightbit=LION_8BIT, eightbit_args=args, fused=LION_FUSED, lr=lr, beta1=beta1,
-                       beta2=beta2, wd=wd, percentile_clipping=percentile_clipping)
+                       beta2=beta2, wd=wd, cautious=cautious, percentile_clipping=percentile_clipping)
 
 # %% ../nbs/10_lion.ipynb #17c304de
 lion = opt_partial(Lion)

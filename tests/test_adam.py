@@ -5,7 +5,8 @@ import bitsandbytes.optim as bnb_optim
 import fastai.optimizer as fastai_optim
 from fastxtend_optim import eightbit as eightbit_module
 from fastxtend_optim.adam import Adam, adam
-from conftest import make_params, run, assert_close_lists, fx_groups, torch_groups, NO_WD, PATH_KWARGS
+from conftest import (make_params, run, assert_close_lists, fx_groups, torch_groups, assert_matches_reference, NO_WD,
+                      PATH_KWARGS)
 
 WD = 0.05
 
@@ -115,3 +116,34 @@ def test_fit_one_cycle_schedules_mom_on_every_path(path, monkeypatch):
     used = sorted(set(round(float(m), 9) for m in spy.used))
     assert min(used) < 0.86 and max(used) > 0.94          # the cycle 0.95 -> 0.85 -> 0.95 reached the update
     assert set(round(m, 9) for m in scheduled) == set(used)
+
+
+class CautiousAdamW(torch.optim.Optimizer):
+    "The paper's cautious AdamW (Liang et al. 2024), one tensor at a time, written out here as the reference"
+    def __init__(self, params, lr, mom, sqr_mom, eps, decouple):
+        super().__init__(params, dict(lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, decouple=decouple))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, b1, b2, wd = group['lr'], group['mom'], group['sqr_mom'], group['weight_decay']
+            for p in group['params']:
+                s = self.state[p]
+                if not s: s.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                s['t'] += 1
+                g = p.grad if group['decouple'] else p.grad + wd * p
+                s['m'].lerp_(g, 1 - b1)
+                s['v'].mul_(b2).addcmul_(g, g, value=1 - b2)
+                u = s['m'] / (1 - b1 ** s['t']) / ((s['v'] / (1 - b2 ** s['t'])).sqrt() + group['eps'])
+                mask = (u * g > 0).float()
+                if group['decouple']: p.mul_(1 - lr * wd)
+                p.sub_(lr * u * mask * (mask.numel() / (mask.sum() + 1)))
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach', 'fused'])
+@pytest.mark.parametrize('decouple_wd', [True, False])
+def test_cautious_matches_the_papers_formula(path, decouple_wd):
+    "Cautious Adam/AdamW against the written-out formula: 60 steps, two groups, do_wd=False tensors, both decays"
+    ref_fn = lambda ps: CautiousAdamW(torch_groups(ps, WD), lr=1e-3, mom=0.9, sqr_mom=0.99, eps=1e-5,
+                                      decouple=decouple_wd)
+    assert_matches_reference(lambda ps, path: fx_adam(ps, path, cautious=True, decouple_wd=decouple_wd), ref_fn, path)

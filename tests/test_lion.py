@@ -6,6 +6,7 @@ import lion_pytorch
 from fastxtend_optim import core
 from fastxtend_optim.lion import Lion
 from conftest import (make_params, set_grads, run, roundtrip, assert_close_lists, fx_groups, torch_groups,
+                      assert_matches_reference,
                       NO_WD, PATH_KWARGS)
 
 def fx_lion(params, path, wd=0.1, no_wd=NO_WD, **kwargs):
@@ -234,3 +235,22 @@ def test_non_contiguous_parameter(path):
             w.grad = g.clone()
             opt.step()
     torch.testing.assert_close(t.detach(), c.detach(), atol=0., rtol=0.)
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach', 'fused'])
+def test_cautious_matches_pytorch_optimizer(path):
+    "Cautious Lion against pytorch-optimizer's `Lion(cautious=True)`, over 60 steps with two groups and do_wd=False"
+    from pytorch_optimizer import Lion as PoLion
+    ref_fn = lambda ps: PoLion(torch_groups(ps, 0.1), lr=1e-3, betas=(0.9, 0.99), cautious=True)
+    assert_matches_reference(lambda ps, path: fx_lion(ps, path, cautious=True), ref_fn, path)
+    plain, masked = make_params(), make_params()
+    gap = [(a - b).abs().max() for a, b in zip(run(fx_lion(plain, path), plain, 20),
+                                                run(fx_lion(masked, path, cautious=True), masked, 20))]
+    assert min(gap) > 1e-3  # the mask changed every tensor
+
+
+def test_cautious_refused_on_the_eightbit_path():
+    w = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match='`cautious=True` is not available with `eightbit=True`'):
+        Lion(w, lr=1e-3, cautious=True, eightbit=True)
+    with pytest.raises(ValueError, match='`cautious` must be a bool'): Lion(w, lr=1e-3, cautious=1)
