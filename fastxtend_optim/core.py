@@ -225,7 +225,7 @@ class FXOptimizer(Optimizer):
     "A fastai `Optimizer` that steps on the native, ForEach or 8-bit path"
     def __init__(self, params, steppers:list[Callable], foreach_step:Callable, state_keys:tuple=(),
                  path:str='foreach', checks:dict|None=None, group_check:Callable|None=None, eightbit=None,
-                 eightbit_args=None, fused=None, complex_ok:bool=False, **defaults):
+                 eightbit_args=None, fused=None, complex_ok:bool=False, own_decay:bool=False, **defaults):
         if path not in PATHS: raise ValueError(f"`path` must be one of {PATHS}, got {path!r}")
         if path == 'eightbit' and eightbit is None: raise ValueError("this optimizer has no 8-bit path")
         if path == 'fused' and fused is None: raise ValueError("this optimizer has no fused path")
@@ -238,7 +238,7 @@ class FXOptimizer(Optimizer):
         super().__init__(params, steppers, **defaults)
         check_params(self.param_lists, complex_ok, path)
         self.foreach_step, self.state_keys, self.path = foreach_step, tuple(state_keys), path
-        self.eightbit, self.eightbit_args, self.fused = eightbit, eightbit_args, fused
+        self.eightbit, self.eightbit_args, self.fused, self.own_decay = eightbit, eightbit_args, fused, own_decay
 
     def set_hyper(self, k, v):
         "fastai's `set_hyper`, refusing a value its check or the group check rejects (the hypers stay as they were)"
@@ -290,15 +290,21 @@ class FXOptimizer(Optimizer):
         "Pickle without the fused path's layouts: they are keyed by object ids, and rebuilt at the next step"
         return {k: v for k, v in self.__dict__.items() if k != '_fused_layouts'}
 
+    def step_hypers(self, group) -> dict:
+        "The hypers a step sees; with `own_decay`, `wd` is 0 for fastai's `do_wd=False` tensors"
+        if not self.own_decay or group.do_wd: return group.hyper
+        return {**group.hyper, 'wd': 0.}
+
     def _decay(self, group, params, grads):
         h = group.hyper
+        if self.own_decay: return grads  # the optimizer's own step decays
         return weight_decay_(params, grads, h['lr'], h.get('wd', 0.), h.get('decouple_wd', True), group.do_wd)
 
     def _native_step(self, group, grads):
         for key in self.state_keys: init_state(group, key)
         for p, g, state in zip(group.params, grads, group.states):
             g = self._decay(group, [p], [g])[0]
-            for stepper in self.cbs: state.update(stepper(p, g, **{**state, **group.hyper}) or {})
+            for stepper in self.cbs: state.update(stepper(p, g, **{**state, **self.step_hypers(group)}) or {})
 
     def _foreach_step(self, group, grads):
         grads = self._decay(group, group.params, grads)
@@ -306,7 +312,7 @@ class FXOptimizer(Optimizer):
         for idx in foreach_chunks(group.params):
             pick = lambda xs: [xs[i] for i in idx]
             self.foreach_step(pick(group.params), pick(grads), **{k: pick(v) for k, v in state.items()},
-                              step=pick([s['step'] for s in group.states]), **group.hyper)
+                              step=pick([s['step'] for s in group.states]), **self.step_hypers(group))
 
     def _eightbit_step(self, group, grads):
         from fastxtend_optim.eightbit import eightbit_step

@@ -273,8 +273,8 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None) -> bool:
     layout = group_layout(opt, group)
     place = layout.place(group.params)
     layout.sync_all(place, group.grads, group.states)
-    h, n = group.hyper, len(group.params)
-    wd, decay = h.get('wd', 0.), group.do_wd and h.get('wd', 0.) != 0
+    h, n = opt.step_hypers(group), len(group.params)
+    wd, decay = h.get('wd', 0.), group.do_wd and h.get('wd', 0.) != 0 and not opt.own_decay
     decouple = h.get('decouple_wd', True)
     scales = torch.ones(n, device=device) if grad_scales is None else torch.stack(grad_scales).float()
     fg = FusedGroup(group.params, place.views['g'], group.states, scales,
