@@ -6,7 +6,7 @@ Docs: https://fastxtend.github.io/fastxtend_optim/eightbit.html.md"""
 
 # %% ../nbs/01_eightbit.ipynb #3fa73a98
 from __future__ import annotations
-import math, warnings
+import logging, math, warnings
 from dataclasses import dataclass
 from typing import Callable
 import torch
@@ -14,11 +14,20 @@ from torch import Tensor
 from .core import TensorGroup, weight_decay_, refuse_foreign_keywords
 
 # %% auto #0
-__all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'EIGHTBIT_OPTIMIZERS', 'bnb_functional', 'EightBitSpec',
-           'EightBitArgs', 'eightbit_args', 'no_eightbit', 'dynamic_map', 'state_buffer', 'init_eightbit_state',
-           'update_tensor', 'eightbit_step']
+__all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'EIGHTBIT_OPTIMIZERS', 'FourBitKernelNotice', 'bnb_functional',
+           'EightBitSpec', 'EightBitArgs', 'eightbit_args', 'no_eightbit', 'dynamic_map', 'state_buffer',
+           'init_eightbit_state', 'update_tensor', 'eightbit_step']
 
 # %% ../nbs/01_eightbit.ipynb #5911b401
+class FourBitKernelNotice(logging.Filter):
+    "Drops bitsandbytes' notice that its CPU 4-bit matmul kernel is missing; every other record passes"
+    def filter(self, record:logging.LogRecord) -> bool:
+        return not record.getMessage().startswith('Failed to load CPU gemm_4bit_forward')
+
+_bnb_cpu_logger = logging.getLogger('bitsandbytes.backends.cpu.ops')
+if not any(isinstance(f, FourBitKernelNotice) for f in _bnb_cpu_logger.filters):
+    _bnb_cpu_logger.addFilter(FourBitKernelNotice())
+
 def bnb_functional():
     "bitsandbytes' functional API, imported on first use"
     try: import bitsandbytes.functional as BF
