@@ -305,11 +305,13 @@ def _step(opts, paths, shapes, rounds, dev, out):
     print(f'\nwrote {out / "step.md"}')
 
 def _plot_steps(runs:pd.DataFrame, path):
-    "Bar chart of optimizer-step milliseconds per optimizer and path"
+    "Bar chart of optimizer-step milliseconds per optimizer and path; the legend sits right of the bars"
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     table = runs.pivot(index='optimizer', columns='path', values='step_ms')
-    ax = table[[p for p in PATHS if p in table]].plot.bar(figsize=(6, 3), rot=0)
+    ax = table[[p for p in PATHS if p in table]].plot.bar(figsize=(max(6, 0.5 * len(table) + 2), 3), rot=45)
+    ax.legend(title='path', loc='upper left', bbox_to_anchor=(1.01, 1), borderaxespad=0)
     ax.set_ylabel('opt.step() ms'); ax.set_title('optimizer step per path (digits MLP)')
     ax.figure.tight_layout(); ax.figure.savefig(path, dpi=100); plt.close(ax.figure)
+    return ax

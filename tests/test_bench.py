@@ -109,3 +109,15 @@ def test_out_must_be_a_folder(tmp_path):
     (tmp_path / 'f').write_text('')
     with pytest.raises(bench.BenchError, match='is a file, not a folder'):
         run_in_process(tmp_path, out=tmp_path / 'f')
+
+
+def test_step_plot_legend_clears_the_bars(tmp_path):
+    "The legend sits right of the axes, so it covers no bar, however tall"
+    import pandas as pd
+    from fastxtend_optim.bench import _plot_steps
+    runs = pd.DataFrame([dict(optimizer=o, path=p, step_ms=ms) for o, ms in (('lion', 9.), ('adam', 30.))
+                         for p in ('native', 'foreach', 'fused')])
+    ax = _plot_steps(runs, tmp_path / 'steps.png')
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(ax.figure).get_renderer()
+    assert ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
