@@ -29,6 +29,7 @@ def test_train_prints_and_writes_the_speedup_table(tmp_path):
     res = fxo_bench('train', '--epochs', '1', '--opt', 'lion', 'adam', cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert 'ForEach speedup' in res.stdout and 'native step (ms)' in res.stdout
+    assert bench.COMPILE_NOTE in res.stdout  # said before the fused runs compile
     md = (tmp_path / 'fxo-bench' / 'train.md').read_text()
     rows = md_rows(md)
     assert set(rows) == {'lion', 'adam'}
