@@ -112,12 +112,17 @@ def init_state(group:TensorGroup, key:str, make:Callable=torch.zeros_like) -> li
     return [s[key] if key in s else s.setdefault(key, make(p)) for p, s in zip(group.params, group.states)]
 
 # %% ../nbs/00_core.ipynb #de592264
+def _foreach_scalar(v:float, like:Tensor):
+    """`v` for a `_foreach_*` op on tensors like `like`: a 0-d fp32 tensor for CPU fp16/bf16, whose slow path would
+    round a Python number to their precision first (bf16: 0.998 becomes 0.99609375); the number itself elsewhere"""
+    return torch.tensor(v) if like.device.type == 'cpu' and like.element_size() < 4 else v
+
 def weight_decay_(params:list[Tensor], grads:list[Tensor], lr:float, wd:float, decouple_wd:bool=True,
                   do_wd:bool=True) -> list[Tensor]:
     "Decay `params` in place (decoupled) or return `grads + wd*params` (L2); returns the gradients to use"
     if not do_wd or wd == 0: return grads
     if decouple_wd:
-        torch._foreach_mul_(params, 1 - lr*wd)
+        torch._foreach_mul_(params, _foreach_scalar(1 - lr*wd, params[0]))
         return grads
     return torch._foreach_add(grads, params, alpha=wd)
 
