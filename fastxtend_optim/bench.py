@@ -8,6 +8,7 @@ Docs: https://fastxtend.github.io/fastxtend_optim/bench.html.md"""
 # %% ../nbs/42_bench.ipynb #954f44e9
 from __future__ import annotations
 import importlib, importlib.util, math, os, statistics, sys, tempfile, time, warnings
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 import pandas as pd
@@ -26,15 +27,19 @@ from .qhadam import QHAdam, qhadam
 from .lamb import Lamb, lamb
 from .ademamix import AdEMAMix, ademamix
 from .lookahead import Ranger, ranger
+from .adan import Adan, adan
+from .sophia import Sophia, sophia, SophiaCallback
+from .muon import Muon
+from .schedulefree import ScheduleFreeAdamW, schedulefree_adamw
 from .demo import digits_dls, digits_learner, PATH_FUNCS
 from .profiler import markdown_table  # also patches `Learner.profile`
 
 # %% auto #0
-__all__ = ['PATHS', 'NO_EIGHTBIT', 'OPTIMIZERS', 'SIZES', 'ADAM_KW', 'FASTAI', 'BNB', 'OPTIMI', 'STEP_HYPERS', 'PEERS',
-           'COMPILE_NOTE', 'PRECOMPILE_SHAPES', 'has_path', 'BenchError', 'fail', 'check_choices', 'check_positive',
-           'resolve_device', 'check_eightbit', 'train_runs', 'speedup_table', 'model_shapes', 'synthetic_params',
-           'fastai_lion_step', 'step_implementations', 'FloorCopy', 'step_table', 'fxo_bench', 'run_bench',
-           'precompile_fused']
+__all__ = ['PATHS', 'NO_EIGHTBIT', 'OPTIMIZERS', 'SIZES', 'MODEL_OPTS', 'ADAM_KW', 'FASTAI', 'BNB', 'OPTIMI', 'STEP_HYPERS',
+           'PEERS', 'COMPILE_NOTE', 'PRECOMPILE_SHAPES', 'has_path', 'BenchError', 'fail', 'check_choices',
+           'check_positive', 'resolve_device', 'check_eightbit', 'train_runs', 'speedup_table', 'model_shapes',
+           'synthetic_params', 'fastai_lion_step', 'TorchMuonAdamW', 'step_implementations', 'FloorCopy', 'step_table',
+           'fxo_bench', 'run_bench', 'precompile_fused', 'hardware', 'model_header']
 
 # %% ../nbs/42_bench.ipynb #8f60cae0
 PATHS = tuple(PATH_FUNCS)
@@ -50,7 +55,13 @@ OPTIMIZERS = {  # factory, partial for the digits Learner and its peak lr, bytes
     'qhadam': dict(opt=QHAdam, partial=qhadam, lr=3e-3, bytes=28, paths=NO_EIGHTBIT),
     'lamb': dict(opt=Lamb, partial=lamb, lr=3e-2, bytes=44),
     'ademamix': dict(opt=AdEMAMix, partial=ademamix, lr=3e-3, bytes=36),
-    'ranger': dict(opt=Ranger, partial=ranger, lr=3e-2, bytes=28, paths=NO_EIGHTBIT)  # + 16/k for the slow weights,
+    'ranger': dict(opt=Ranger, partial=ranger, lr=3e-2, bytes=28, paths=NO_EIGHTBIT),  # + 16/k for the slow weights,
+    'adan': dict(opt=Adan, partial=adan, lr=1e-2, bytes=44, paths=NO_EIGHTBIT),
+    'sophia': dict(opt=Sophia, partial=sophia, lr=3e-3, bytes=24, paths=NO_EIGHTBIT, cbs=lambda: [SophiaCallback(k=10)]),
+    'muon': dict(opt=Muon, partial=lambda **kw: partial(Muon, muon=[None, False], **kw), lr=2e-2, bytes=20,
+                 paths=NO_EIGHTBIT),  # the digits head (group 1) takes AdamW; bytes: the element-wise part only
+    'schedulefree_adamw': dict(opt=ScheduleFreeAdamW, lr=5e-3, bytes=28, paths=NO_EIGHTBIT, fit='fit',
+                               partial=lambda **kw: schedulefree_adamw(warmup_steps=20, wd=0.01, **kw)),
 }
 
 def has_path(name:str, path:str) -> bool: return path in OPTIMIZERS[name].get('paths', PATHS)
@@ -89,21 +100,44 @@ def check_eightbit(paths:list):
         raise BenchError("the eightbit path needs bitsandbytes: pip install 'bitsandbytes>=0.50,<0.51', or drop it from --path")
 
 # %% ../nbs/42_bench.ipynb #51f66164
-def train_runs(opts:list, paths:list, epochs:int=2, bs:int=64, device='cpu') -> pd.DataFrame:
-    "Train the digits Learner once per optimizer and path; one row each"
-    rows, dls = [], digits_dls(bs=bs, device=device)
-    if len(dls.train) == 0: raise BenchError(f'--bs {bs} is larger than the training set ({len(dls.train_ds)} samples)')
-    warmup = min(2, epochs * len(dls.train) - 1)  # keep at least one batch
+import platform, shlex
+import fastai
+from .models import TRAIN_MODELS, DEFAULT_MODEL, ModelUnavailable, build_model, param_count
+from .models import synthetic_dls, model_learner, batch_size, input_shape
+
+MODEL_OPTS = ['lion', 'adam', 'lars']  # the default for models other than digits: keeps the CPU default under 2 minutes
+
+def _profiled_fit(learn, name:str, epochs:int, warmup:int) -> dict:
+    "Fit with optimizer `name`'s lr, fit method and callbacks under the profiler: mean step, its share, state, samples/s"
+    spec = OPTIMIZERS[name]
+    learn.profile(warmup=warmup)
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        getattr(learn, spec.get('fit', 'fit_one_cycle'))(epochs, spec['lr'], cbs=spec.get('cbs', list)())
+    report = learn.profiler.report()
+    batch = report.loc[[p for p in ('draw', 'forward', 'loss', 'backward', 'opt_step', 'zero_grad') if p in report.index],
+                       'mean_ms'].sum()
+    return dict(step_ms=report.loc['opt_step', 'mean_ms'], step_pct=100 * report.loc['opt_step', 'mean_ms'] / batch,
+                state=learn.profiler.state_bytes, samples_s=learn.profiler.throughput()['train'])
+
+def train_runs(opts:list, paths:list, epochs:int=2, bs:int|None=None, device='cpu', model:str='digits', steps:int=20,
+               full_size:bool=False) -> pd.DataFrame:
+    "Train `model` once per optimizer and path: digits for `epochs` epochs, another model for `steps` batches"
+    if model == 'digits':
+        dls = digits_dls(bs=bs or 64, device=device)
+        if len(dls.train) == 0: raise BenchError(f'--bs {bs} is larger than the training set ({len(dls.train_ds)} samples)')
+        learner, warmup = (lambda fn: digits_learner(fn, dls)), min(2, epochs * len(dls.train) - 1)  # keep one batch
+    else:
+        dls = synthetic_dls(model, steps, bs or batch_size(model, device), device, full_size)
+        learner, warmup, epochs = (lambda fn: model_learner(model, fn, dls)), min(2, steps - 1), 1
+    rows, unit = [], ('state_kb', 1024) if model == 'digits' else ('state_mb', 2**20)
     for name, path in progress_bar([(o, p) for o in opts for p in paths if has_path(o, p)], leave=False):
-        learn = digits_learner(OPTIMIZERS[name]['partial'](**PATH_FUNCS[path]), dls).profile(warmup=warmup)
-        with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            learn.fit_one_cycle(epochs, OPTIMIZERS[name]['lr'])
-        report = learn.profiler.report()
-        batch = report.loc[['draw', 'forward', 'loss', 'backward', 'opt_step', 'zero_grad'], 'mean_ms'].sum()
-        rows.append(dict(optimizer=name, path=path, accuracy=float(learn.recorder.values[-1][-1]),
-                         step_ms=report.loc['opt_step', 'mean_ms'], step_pct=100 * report.loc['opt_step', 'mean_ms'] / batch,
-                         state_kb=learn.profiler.state_bytes / 1024, samples_s=learn.profiler.throughput()['train']))
+        learn = learner(OPTIMIZERS[name]['partial'](**PATH_FUNCS[path]))
+        run = _profiled_fit(learn, name, epochs, warmup)
+        row = dict(optimizer=name, path=path)
+        if model == 'digits': row['accuracy'] = float(learn.recorder.values[-1][-1])
+        rows.append({**row, 'step_ms': run['step_ms'], 'step_pct': run['step_pct'], unit[0]: run['state'] / unit[1],
+                     'samples_s': run['samples_s']})
     return pd.DataFrame(rows)
 
 def speedup_table(runs:pd.DataFrame) -> pd.DataFrame:
@@ -151,7 +185,22 @@ STEP_HYPERS = {  # our hypers in the step benchmark; the peers below are set to 
     'lion': dict(lr=1e-4, wd=0.1), 'adam': dict(lr=1e-4, wd=0.01), 'lars': dict(lr=1e-2),
     'sgd': dict(lr=1e-2, mom=0.9), 'rmsprop': dict(lr=1e-3), 'adagrad': dict(lr=1e-2), 'radam': dict(lr=1e-3),
     'qhadam': dict(lr=1e-3), 'lamb': dict(lr=1e-3, wd=0.01), 'ademamix': dict(lr=1e-3), 'ranger': dict(lr=1e-3),
+    'adan': dict(lr=1e-3), 'sophia': dict(lr=1e-4), 'muon': dict(lr=1e-3),
+    'schedulefree_adamw': dict(lr=1e-3, wd=0.01, warmup_steps=10),
 }
+
+class TorchMuonAdamW:
+    "torch's `Muon` on the 2-D tensors and its foreach `AdamW` on the rest, stepped as one optimizer"
+    def __init__(self, params, lr:float=1e-3):
+        self.opts = [torch.optim.Muon([p for p in params if p.ndim == 2], lr=lr),
+                     torch.optim.AdamW([p for p in params if p.ndim != 2], lr=lr, foreach=True)]
+    def step(self):
+        for opt in self.opts: opt.step()
+
+def _train_mode(opt):
+    "The schedulefree package's optimizers start in eval mode; steps need train mode"
+    opt.train()
+    return opt
 PEERS = {  # optimizer -> [(name, module, make(module, params))]
     'lion': [('fastai Optimizer loop', FASTAI, lambda m, ps: m.Optimizer(ps, [m.weight_decay, fastai_lion_step],
                                                                             lr=1e-4, wd=0.1)),
@@ -189,6 +238,14 @@ PEERS = {  # optimizer -> [(name, module, make(module, params))]
     'ranger': [('fastai ranger', FASTAI, lambda m, ps: m.ranger(ps, lr=1e-3)),
                ('optimi Ranger foreach', OPTIMI, lambda m, ps: m.Ranger(ps, lr=1e-3, betas=(0.95, 0.99), eps=1e-6,
                                                                      weight_decay=0.01, foreach=True))],
+    'adan': [('optimi Adan foreach', OPTIMI, lambda m, ps: m.Adan(ps, lr=1e-3, weight_decay=0.02, foreach=True)),
+             ('pytorch-optimizer Adan foreach', 'pytorch_optimizer',
+              lambda m, ps: m.Adan(ps, lr=1e-3, weight_decay=0.02, eps=1e-6, foreach=True))],
+    'sophia': [('sophia-opt SophiaG (no foreach)', 'sophia_opt',
+                lambda m, ps: m.SophiaG(ps, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1))],
+    'muon': [('torch Muon + AdamW foreach', 'torch.optim', lambda m, ps: TorchMuonAdamW(ps))],
+    'schedulefree_adamw': [('schedulefree AdamWScheduleFree foreach', 'schedulefree', lambda m, ps: _train_mode(
+        m.AdamWScheduleFree(ps, lr=1e-3, weight_decay=0.01, warmup_steps=10, foreach=True)))],
 }
 
 def step_implementations(name:str, paths, notes:list) -> dict:
@@ -244,11 +301,14 @@ def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3
 # %% ../nbs/42_bench.ipynb #52ca8194
 @call_parse(pos=['mode'])
 def fxo_bench(
-    mode:str='train', # `train`: a fastai Learner on bundled digits per optimizer and path; `step`: opt.step() alone vs peers
-    opt:Annotated[str, {'nargs': '+'}]=list(OPTIMIZERS), # optimizers: lion adam lars sgd rmsprop adagrad radam qhadam lamb ademamix ranger
+    mode:str='train', # `train`: a fastai Learner per optimizer and path under the profiler; `step`: opt.step() alone vs peers
+    opt:Annotated[str, {'nargs': '+'}]=None, # optimizers (default: all; `train` on a model other than digits: lion adam lars)
     path:Annotated[str, {'nargs': '+'}]=list(PATHS), # paths: native foreach fused eightbit
-    epochs:int=2, # train: epochs per run
-    bs:int=64, # train: batch size
+    model:Annotated[str, {'nargs': '+'}]=[DEFAULT_MODEL], # train: digits (real data, accuracy), xresnet-small, xresnet18/50/101, xse-resnext50, convnext-tiny/small, vit-s16, deberta-base
+    steps:int=20, # train: batches per run on a model other than digits, the first 2 untimed
+    full_size:bool=False, # train: the model's usual input shape on the CPU too (the CPU default is reduced)
+    epochs:int=2, # train: epochs per run on digits
+    bs:int=None, # train: batch size (default: the model's, 64 for digits)
     size:str='medium', # step: model size, one of small (0.4M params, 96 tensors), medium (5.5M, 600), large (22M, 600), xl (354M, 600)
     params:float=None, # step: millions of parameters, overriding --size
     tensors:int=None, # step: number of tensors, overriding --size
@@ -257,27 +317,32 @@ def fxo_bench(
     out:str='fxo-bench', # folder for the Markdown tables and the PNG plot
     cold:bool=False, # step: compile the fused path with an empty inductor cache, so its first step is a cold compile
 ):
-    "Benchmark fastxtend_optim's optimizers: accuracy and optimizer-step time per path, or opt.step() against peers"
+    "Benchmark fastxtend_optim's optimizers: optimizer-step time per path on real architectures, or opt.step() against peers"
     if cold: os.environ['TORCHINDUCTOR_CACHE_DIR'] = tempfile.mkdtemp(prefix='fxo-bench-inductor-')
-    try: run_bench(mode, opt, path, epochs, bs, size, params, tensors, rounds, device, out)
+    try: run_bench(mode, opt, path, epochs, bs, size, params, tensors, rounds, device, out, models=model, steps=steps,
+                   full_size=full_size, command=shlex.join(['fxo-bench', *sys.argv[1:]]))
     except BenchError as e: fail(str(e))
 
 # %% ../nbs/42_bench.ipynb #1a7bb0eb
-def run_bench(mode, opts, paths, epochs, bs, size, params, tensors, rounds, device, out):
+def run_bench(mode, opts, paths, epochs, bs, size, params, tensors, rounds, device, out, models=None, steps:int=20,
+              full_size:bool=False, command:str|None=None):
     "Check the options, run `mode`, print the tables and write them under `out`"
     check_choices('mode', [mode], ('train', 'step'))
+    models = list(dict.fromkeys(models or [DEFAULT_MODEL]))
+    if mode == 'train': check_choices('model', models, TRAIN_MODELS)
+    opts = opts or (MODEL_OPTS if mode == 'train' and models != ['digits'] else list(OPTIMIZERS))
     check_choices('optimizer', opts, OPTIMIZERS)
     check_choices('path', paths, PATHS)
     check_choices('size', [size], SIZES)
-    check_positive(epochs=epochs, bs=bs, rounds=rounds, **{k: v for k, v in dict(params=params, tensors=tensors).items()
-                                                           if v is not None})
+    check_positive(epochs=epochs, steps=steps, rounds=rounds,
+                   **{k: v for k, v in dict(bs=bs, params=params, tensors=tensors).items() if v is not None})
     check_eightbit(paths)
     opts, paths = list(dict.fromkeys(opts)), list(dict.fromkeys(paths))  # repeated names run once
     dev, out = resolve_device(device), Path(out)
     if out.exists() and not out.is_dir(): raise BenchError(f'--out {str(out)!r} is a file, not a folder')
     out.mkdir(parents=True, exist_ok=True)
     print(f'fxo-bench {mode} on {dev} ({torch.get_num_threads()} threads), torch {torch.__version__}')
-    if mode == 'train': return _train(opts, paths, epochs, bs, dev, out)
+    if mode == 'train': return _train(opts, paths, epochs, bs, dev, out, models, steps, full_size, command)
     default_m, default_n = SIZES[size]
     _step(opts, paths, model_shapes(params or default_m, tensors or default_n), rounds, dev, out)
 
@@ -298,13 +363,37 @@ def precompile_fused(opts:list, device) -> list:
             opt.step()
     return names
 
-def _train(opts, paths, epochs, bs, dev, out):
+def hardware(dev) -> str:
+    "The GPU's name, or the CPU's model and the threads torch uses"
+    if dev.type == 'cuda': return f'{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda})'
+    try: cpu = next(l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines()
+                    if l.startswith('model name'))
+    except (OSError, StopIteration): cpu = platform.processor() or platform.machine()
+    return f'{cpu}, {torch.get_num_threads()} threads'
+
+def model_header(model:str, bs, dev, epochs:int, steps:int, full_size:bool) -> str:
+    "What was trained: parameters, tensors, where the model came from, batch shape and length of each run"
+    try: net, source = build_model(model)
+    except ModelUnavailable as e: raise BenchError(str(e))
+    n, tensors = param_count(net)
+    if model == 'digits': return f'digits: {n:,} parameters in {tensors} tensors, real data, batches of {bs or 64}, {epochs} epochs'
+    shape = '×'.join(map(str, input_shape(model, dev, full_size)))
+    return (f'{model}: {n/1e6:.2f}M parameters in {tensors} tensors ({source}), synthetic batches of '
+            f'{bs or batch_size(model, dev)} × {shape}, {steps} steps, mean of the last {steps - min(2, steps - 1)}')
+
+def _train(opts, paths, epochs, bs, dev, out, models=('digits',), steps=20, full_size=False, command=None):
+    heads = {m: model_header(m, bs, dev, epochs, steps, full_size) for m in models}  # refuses unavailable models first
     if 'fused' in paths: precompile_fused(opts, dev)
-    runs = train_runs(opts, paths, epochs, bs, dev)
-    table = speedup_table(runs)
-    print('\n' + table.to_string(float_format='%.3f') + '\n\n' + runs.to_string(index=False, float_format='%.3f'))
-    (out / 'train.md').write_text(markdown_table(table) + '\n' + markdown_table(runs.set_index(['optimizer'])))
-    _plot_steps(runs, out / 'train.png')
+    versions = f'torch {torch.__version__}, fastai {fastai.__version__}'
+    text, all_runs = [f'fxo-bench train on {hardware(dev)}; {versions}\n\ncommand: `{command or "fxo-bench train"}`\n'], []
+    for m in models:
+        runs = train_runs(opts, paths, epochs, bs, dev, m, steps, full_size)
+        table = speedup_table(runs)
+        print(f'\n{heads[m]}\n' + table.to_string(float_format='%.3f') + '\n\n' + runs.to_string(index=False, float_format='%.3f'))
+        text.append(f'{heads[m]}\n\n{markdown_table(table)}\n{markdown_table(runs.set_index(["optimizer"]))}')
+        all_runs.append(runs.assign(model=m))
+    (out / 'train.md').write_text('\n'.join(text))
+    _plot_steps(pd.concat(all_runs), out / 'train.png')
     print(f'\nwrote {out / "train.md"} and {out / "train.png"}')
 
 def _step(opts, paths, shapes, rounds, dev, out):
@@ -324,13 +413,17 @@ def _step(opts, paths, shapes, rounds, dev, out):
     print(f'\nwrote {out / "step.md"}')
 
 def _plot_steps(runs:pd.DataFrame, path):
-    "Bar chart of optimizer-step milliseconds per optimizer and path; the legend sits right of the bars"
+    "Bar chart of optimizer-step milliseconds per optimizer and path, a panel per model; the legend sits right of the bars"
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    table = runs.pivot(index='optimizer', columns='path', values='step_ms')
-    ax = table[[p for p in PATHS if p in table]].plot.bar(figsize=(max(6, 0.5 * len(table) + 2), 3), rot=45)
-    ax.legend(title='path', loc='upper left', bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    ax.set_ylabel('opt.step() ms'); ax.set_title('optimizer step per path (digits MLP)')
-    ax.figure.tight_layout(); ax.figure.savefig(path, dpi=100); plt.close(ax.figure)
-    return ax
+    models = list(runs['model'].unique()) if 'model' in runs else ['digits']
+    width = max(6, 0.5 * runs['optimizer'].nunique() + 2)
+    fig, axes = plt.subplots(len(models), 1, figsize=(width, 3 * len(models)), squeeze=False)
+    for ax, m in zip(axes[:, 0], models):
+        table = (runs[runs['model'] == m] if 'model' in runs else runs).pivot(index='optimizer', columns='path', values='step_ms')
+        table[[p for p in PATHS if p in table]].plot.bar(ax=ax, rot=45)
+        ax.legend(title='path', loc='upper left', bbox_to_anchor=(1.01, 1), borderaxespad=0)
+        ax.set_ylabel('opt.step() ms'); ax.set_title(f'optimizer step per path ({"digits MLP" if m == "digits" else m})')
+    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    return axes[0, 0]

@@ -1,4 +1,4 @@
-"fastai's optimizer family (and Adagrad, AdEMAMix) in a fastai Learner on the digits data, on every path they have."
+"fastai's optimizer family and the modern optimizers in a fastai Learner on the digits data, on every path they have."
 from functools import partial
 import pytest
 import fastai.optimizer as fastai_optim
@@ -8,7 +8,7 @@ from test_learner import quiet_fit, accuracy
 
 FASTAI = {'sgd': partial(fastai_optim.SGD, mom=0.9), 'rmsprop': fastai_optim.RMSProp, 'radam': fastai_optim.RAdam,
           'qhadam': fastai_optim.QHAdam, 'lamb': fastai_optim.Lamb, 'ranger': fastai_optim.ranger}
-OTHERS = ('adagrad', 'ademamix')  # fastai has no class: compared with fastai's Adam at its usual lr
+OTHERS = ('adagrad', 'ademamix', 'adan', 'sophia', 'muon', 'schedulefree_adamw')  # no fastai class: vs fastai's Adam
 CASES = [(o, p) for o in [*FASTAI, *OTHERS] for p in PATH_FUNCS if has_path(o, p)]
 EPOCHS = 3
 
@@ -33,8 +33,9 @@ def reference(dls):
 
 @pytest.mark.parametrize('name,path', CASES)
 def test_trains_digits_like_fastai(dls, reference, name, path):
-    learn = digits_learner(OPTIMIZERS[name]['partial'](**PATH_FUNCS[path]), dls)
-    quiet_fit(learn, EPOCHS, OPTIMIZERS[name]['lr'])
+    spec = OPTIMIZERS[name]  # Sophia brings its Hessian callback; Schedule-Free trains with `fit` (flat lr)
+    learn = digits_learner(spec['partial'](**PATH_FUNCS[path]), dls, cbs=spec.get('cbs', list)())
+    quiet_fit(learn, EPOCHS, spec['lr'], method=spec.get('fit', 'fit_one_cycle'))
     acc, ref = accuracy(learn), reference(name)
     assert learn.opt.path == path and acc > 0.9
     if name in FASTAI: assert abs(acc - ref) <= 0.03, (acc, ref)   # the same math as fastai's class
