@@ -133,13 +133,14 @@ def cautious_(u:Tensor, g:Tensor) -> Tensor:
     return u.mul_(mask.mul_(u.numel() / (mask.sum() + 1)))
 
 def cautious_foreach_(us:list[Tensor], gs:list[Tensor]) -> list[Tensor]:
-    "`cautious_` on lists of tensors: the masks' sums come from one `_foreach_norm(ord=1)`"
+    "`cautious_` on lists of tensors: the masks' counts come from one `_foreach_norm`"
     masks = torch._foreach_mul(us, gs)
     torch._foreach_sign_(masks)
     torch._foreach_clamp_min_(masks, 0)
-    kept = torch.stack(torch._foreach_norm(masks, 1))
+    kept = torch.stack(torch._foreach_norm(masks)).square_().round_()  # a 0/1 mask's count; 2-norms are the fast ones
     numels = torch.tensor([u.numel() for u in us], dtype=kept.dtype, device=kept.device)
-    torch._foreach_mul_(masks, list((numels / (kept + 1)).to(us[0].dtype).unbind()))
+    scales = numels * (kept + 1).reciprocal()  # what `numel / tensor` computes in `cautious_`
+    torch._foreach_mul_(masks, list(scales.to(us[0].dtype).unbind()))
     torch._foreach_mul_(us, masks)
     return us
 

@@ -313,7 +313,7 @@ def _member_sums(opt, layout:FusedLayout, place:Placement, named:dict, cautious:
             totals.setdefault(k, torch.zeros(len(layout.params), device=device)).index_add_(0, members, v)
     out = {k: v[place.members] for k, v in totals.items()}
     numel = torch.tensor([p.numel() for p in place.params], dtype=torch.float32, device=device)
-    if cautious: out['cautious_scale'] = numel / (out.pop('kept') + 1)
+    if cautious: out['cautious_scale'] = numel * (out.pop('kept') + 1).reciprocal()  # as `cautious_` computes it
     if opt.fused.sums is not None: out['numel'] = numel
     return out
 
