@@ -28,6 +28,7 @@ from .lamb import Lamb, lamb
 from .ademamix import AdEMAMix, ademamix
 from .lookahead import Ranger, ranger
 from .adan import Adan, adan
+from .stableadamw import StableAdamW, stableadamw
 from .sophia import Sophia, sophia, SophiaCallback
 from .muon import Muon
 from .schedulefree import ScheduleFreeAdamW, schedulefree_adamw
@@ -35,11 +36,11 @@ from .demo import digits_dls, digits_learner, PATH_FUNCS
 from .profiler import markdown_table  # also patches `Learner.profile`
 
 # %% auto #0
-__all__ = ['PATHS', 'NO_EIGHTBIT', 'OPTIMIZERS', 'SIZES', 'MODEL_OPTS', 'ADAM_KW', 'FASTAI', 'BNB', 'OPTIMI', 'STEP_HYPERS',
-           'PEERS', 'COMPILE_NOTE', 'PRECOMPILE_SHAPES', 'has_path', 'BenchError', 'fail', 'check_choices',
-           'check_positive', 'resolve_device', 'check_eightbit', 'train_runs', 'speedup_table', 'model_shapes',
-           'synthetic_params', 'fastai_lion_step', 'TorchMuonAdamW', 'step_implementations', 'FloorCopy', 'step_table',
-           'fxo_bench', 'run_bench', 'precompile_fused', 'hardware', 'model_header']
+__all__ = ['PATHS', 'NO_EIGHTBIT', 'OPTIMIZERS', 'SIZES', 'MODEL_OPTS', 'ADAM_KW', 'SA_KW', 'FASTAI', 'BNB', 'OPTIMI',
+           'STEP_HYPERS', 'PEERS', 'COMPILE_NOTE', 'PRECOMPILE_SHAPES', 'has_path', 'BenchError', 'fail',
+           'check_choices', 'check_positive', 'resolve_device', 'check_eightbit', 'train_runs', 'speedup_table',
+           'model_shapes', 'synthetic_params', 'fastai_lion_step', 'TorchMuonAdamW', 'step_implementations',
+           'FloorCopy', 'step_table', 'fxo_bench', 'run_bench', 'precompile_fused', 'hardware', 'model_header']
 
 # %% ../nbs/42_bench.ipynb #8f60cae0
 PATHS = tuple(PATH_FUNCS)
@@ -57,6 +58,7 @@ OPTIMIZERS = {  # factory, partial for the digits Learner and its peak lr, bytes
     'ademamix': dict(opt=AdEMAMix, partial=ademamix, lr=3e-3, bytes=36),
     'ranger': dict(opt=Ranger, partial=ranger, lr=3e-2, bytes=28, paths=NO_EIGHTBIT),  # + 16/k for the slow weights,
     'adan': dict(opt=Adan, partial=adan, lr=1e-2, bytes=44, paths=NO_EIGHTBIT),
+    'stableadamw': dict(opt=StableAdamW, partial=stableadamw, lr=3e-3, bytes=28, paths=NO_EIGHTBIT),
     'sophia': dict(opt=Sophia, partial=sophia, lr=3e-3, bytes=24, paths=NO_EIGHTBIT, cbs=lambda: [SophiaCallback(k=10)]),
     'muon': dict(opt=Muon, partial=lambda **kw: partial(Muon, muon=[None, False], **kw), lr=2e-2, bytes=20,
                  paths=NO_EIGHTBIT),  # the digits head (group 1) takes AdamW; bytes: the element-wise part only
@@ -180,12 +182,13 @@ def _peer(impls:dict, notes:list, name:str, module:str, make):
     except ImportError: notes.append(f'{name}: {module} not installed, skipped')
 
 ADAM_KW = dict(betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)
+SA_KW = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)  # StableAdamW's peers
 FASTAI, BNB, OPTIMI = 'fastai.optimizer', 'bitsandbytes.optim', 'optimi'
 STEP_HYPERS = {  # our hypers in the step benchmark; the peers below are set to the same math
     'lion': dict(lr=1e-4, wd=0.1), 'adam': dict(lr=1e-4, wd=0.01), 'lars': dict(lr=1e-2),
     'sgd': dict(lr=1e-2, mom=0.9), 'rmsprop': dict(lr=1e-3), 'adagrad': dict(lr=1e-2), 'radam': dict(lr=1e-3),
     'qhadam': dict(lr=1e-3), 'lamb': dict(lr=1e-3, wd=0.01), 'ademamix': dict(lr=1e-3), 'ranger': dict(lr=1e-3),
-    'adan': dict(lr=1e-3), 'sophia': dict(lr=1e-4), 'muon': dict(lr=1e-3),
+    'adan': dict(lr=1e-3), 'stableadamw': dict(lr=1e-3, wd=0.01), 'sophia': dict(lr=1e-4), 'muon': dict(lr=1e-3),
     'schedulefree_adamw': dict(lr=1e-3, wd=0.01, warmup_steps=10),
 }
 
@@ -241,6 +244,9 @@ PEERS = {  # optimizer -> [(name, module, make(module, params))]
     'adan': [('optimi Adan foreach', OPTIMI, lambda m, ps: m.Adan(ps, lr=1e-3, weight_decay=0.02, foreach=True)),
              ('pytorch-optimizer Adan foreach', 'pytorch_optimizer',
               lambda m, ps: m.Adan(ps, lr=1e-3, weight_decay=0.02, eps=1e-6, foreach=True))],
+    'stableadamw': [('optimi StableAdamW foreach', OPTIMI, lambda m, ps: m.StableAdamW(ps, foreach=True, **SA_KW)),
+                    ('pytorch-optimizer StableAdamW foreach', 'pytorch_optimizer',
+                     lambda m, ps: m.StableAdamW(ps, foreach=True, **SA_KW))],
     'sophia': [('sophia-opt SophiaG (no foreach)', 'sophia_opt',
                 lambda m, ps: m.SophiaG(ps, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1))],
     'muon': [('torch Muon + AdamW foreach', 'torch.optim', lambda m, ps: TorchMuonAdamW(ps))],
