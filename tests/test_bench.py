@@ -26,7 +26,7 @@ def md_rows(text):
 
 
 def test_train_prints_and_writes_the_speedup_table(tmp_path):
-    res = fxo_bench('train', '--epochs', '1', '--opt', 'lion', 'adam', cwd=tmp_path)
+    res = fxo_bench('train', '--model', 'digits', '--epochs', '1', '--opt', 'lion', 'adam', cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert 'ForEach speedup' in res.stdout and 'native step (ms)' in res.stdout
     assert bench.COMPILE_NOTE in res.stdout  # said before the fused runs compile
@@ -59,7 +59,7 @@ def test_step_small_prints_ratios_against_peers(tmp_path):
 
 
 @pytest.mark.parametrize('args,message', [
-    (['--opt', 'adan'], "unknown optimizer 'adan'"),
+    (['--opt', 'adafactor'], "unknown optimizer 'adafactor'"),
     (['--path', 'turbo'], "unknown path 'turbo'"),
     (['--device', 'tpu'], "unknown device 'tpu'"),
     (['step', '--size', 'huge'], "unknown size 'huge'"),
@@ -84,7 +84,8 @@ def test_eightbit_without_bitsandbytes_is_refused(monkeypatch, tmp_path):
 
 def run_in_process(tmp_path, mode='train', opts=('lion',), paths=('native', 'foreach'), epochs=1, bs=64, size='small',
                    rounds=2, out=None):
-    bench.run_bench(mode, list(opts), list(paths), epochs, bs, size, None, None, rounds, 'cpu', out or tmp_path)
+    bench.run_bench(mode, list(opts), list(paths), epochs, bs, size, None, None, rounds, 'cpu', out or tmp_path,
+                    models=['digits'])
 
 
 def test_repeated_names_run_once(tmp_path, capsys):
