@@ -1,0 +1,188 @@
+"ADOPT (and its cautious option) against pytorch-optimizer's ADOPT on every path, per-tensor steps, checkpoints."
+import pytest
+import torch
+from pytorch_optimizer import ADOPT as RefADOPT
+from fastxtend_optim.adopt import ADOPT, adopt
+from conftest import (assert_matches_reference, assert_paths_match_native, make_params, set_grads, run, gappy_run,
+                      roundtrip, assert_close_lists, fx_groups, torch_groups, LRS, NO_WD)
+
+WD = 0.05
+PATHS = ('native', 'foreach', 'fused')
+
+
+def fx_adopt(params, path, **kwargs):
+    return fx_groups(ADOPT, params, path, **{'wd': WD, **kwargs})
+
+
+def ref_adopt(params, wd=WD, decouple_wd=False, beta1=0.9, beta2=0.9999, foreach=False, **kwargs):
+    "pytorch-optimizer's ADOPT over the same groups (do_wd=False tensors in groups of their own with no decay)"
+    return RefADOPT(torch_groups(params, wd), betas=(beta1, beta2), weight_decouple=decouple_wd, foreach=foreach,
+                    **kwargs)
+
+
+CASES = [dict(), dict(decouple_wd=True), dict(cautious=True), dict(cautious=True, decouple_wd=True, wd=0.2),
+         dict(beta1=0.5, beta2=0.99, eps=1e-3, wd=0.)]
+
+
+@pytest.mark.parametrize('kwargs', CASES)
+def test_native_equals_pytorch_optimizer_bitwise(kwargs):
+    "The native path does the reference's per-parameter ops in its order: the same bits after 60 steps"
+    assert_matches_reference(fx_adopt, ref_adopt, 'native', atol=0., **kwargs)
+
+
+@pytest.mark.parametrize('path', PATHS)
+@pytest.mark.parametrize('kwargs', CASES)
+def test_every_path_matches_pytorch_optimizer_over_60_steps(path, kwargs):
+    "Two param groups, do_wd=False tensors, L2 and decoupled decay, cautious, other betas/eps: within 1e-6 in fp32"
+    assert_matches_reference(fx_adopt, ref_adopt, path, **kwargs)
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach'])
+def test_native_and_foreach_match_the_references_foreach_bitwise_close(path):
+    "The reference's own multi-tensor step (used when cautious is off) agrees too"
+    ours, ref = make_params(), make_params()
+    got = run(fx_adopt(ours, path, decouple_wd=True), ours, 60)
+    assert_close_lists(got, run(ref_adopt(ref, decouple_wd=True, foreach=True), ref, 60), atol=1e-6)
+
+
+@pytest.mark.parametrize('path', PATHS)
+@pytest.mark.parametrize('decouple_wd', [True, False])
+def test_step_one_only_stores_the_squared_gradient(path, decouple_wd):
+    "As the reference: step 1 moves the weights by decoupled decay only; v = g² (with L2, g includes wd*p); m = 0"
+    ps = make_params()
+    opt = fx_adopt(ps, path, decouple_wd=decouple_wd, wd=0.5)
+    before = [p.detach().clone() for p in ps]
+    set_grads(ps, 0)
+    grads = [p.grad.clone() for p in ps]
+    opt.step()
+    for i, (p, b, g) in enumerate(zip(ps, before, grads)):
+        decays = i not in NO_WD
+        lr = LRS[i >= 3]
+        torch.testing.assert_close(p.detach(), b * (1 - lr * 0.5) if decays and decouple_wd else b, atol=0, rtol=0)
+        g_seen = g + 0.5 * b if decays and not decouple_wd else g
+        torch.testing.assert_close(opt.state[p]['sqr_avg'], g_seen * g_seen, atol=1e-6, rtol=1e-6)
+        assert not opt.state[p]['grad_avg'].any()
+
+
+@pytest.mark.parametrize('path', PATHS)
+def test_per_tensor_step_counts(path):
+    "The first group has no gradient for 8 steps: its tensors take their own step 1 at step 9, as a reference built then"
+    def frozen_run(step_fn, ps):
+        for i in range(20):
+            set_grads(ps, i)
+            if i < 8:
+                for p in ps[:3]: p.grad = None
+            step_fn(i)
+        return [p.detach().clone() for p in ps]
+    ours, ref = make_params(), make_params()
+    opt = fx_adopt(ours, path, cautious=True)
+    got = frozen_run(lambda i: opt.step(), ours)
+    assert [opt.state[p]['step'] for p in ours] == [12] * 3 + [20] * 3
+    groups = torch_groups(ref, WD)
+    late = RefADOPT(groups[:2], betas=(0.9, 0.9999), cautious=True)  # torch_groups: two groups per fastxtend group
+    early = RefADOPT(groups[2:], betas=(0.9, 0.9999), cautious=True)
+    expected = frozen_run(lambda i: (early.step(), late.step() if i >= 8 else None), ref)
+    assert_close_lists(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(percentile_clipping=80, cautious=True, decouple_wd=True)])
+def test_fused_matches_native_with_missing_gradients_and_clipping(kwargs):
+    results = [gappy_run(fx_adopt(ps, path, **kwargs), ps, 40) for path, ps in
+               (('native', make_params()), ('fused', make_params()))]
+    assert_close_lists(results[1], results[0], atol=1e-6)
+
+
+def test_paths_match_native_with_cautious_and_l2():
+    assert_paths_match_native(ADOPT, wd=WD, cautious=True, beta2=0.99)
+
+
+def test_fused_schedules_do_not_recompile():
+    "lr, betas and eps are kernel inputs: changing them (and crossing step 1) compiles nothing new"
+    from torch._dynamo.utils import counters
+    ps = make_params()
+    opt = fx_adopt(ps, 'fused')
+    run(opt, ps, 2)
+    compiled = counters['stats']['unique_graphs']
+    opt.set_hyper('lr', 5e-3); opt.set_hyper('beta1', 0.8); opt.set_hyper('beta2', 0.99); opt.set_hyper('eps', 1e-4)
+    run(opt, ps, 3, start=2)
+    assert counters['stats']['unique_graphs'] == compiled
+
+
+@pytest.mark.parametrize('path', PATHS)
+@pytest.mark.parametrize('kwargs', [dict(), dict(cautious=True, decouple_wd=True)])
+def test_checkpoint_resume_is_exact(path, kwargs):
+    "Saved at step 15 through torch.save/torch.load(weights_only=True), then continued: bitwise the uninterrupted run"
+    make = lambda ps, **kw: fx_adopt(ps, path, **kwargs, **kw)
+    a, b = make_params(), make_params()
+    uninterrupted = run(make(a), a, 30)
+    first = make(b)
+    run(first, b, 15)
+    saved = roundtrip({'params': [p.detach() for p in b], 'opt': first.state_dict()})
+    c = [p.clone().requires_grad_() for p in saved['params']]
+    second = make(c, no_wd=())
+    second.load_state_dict(saved['opt'])
+    assert all(second.state[c[i]]['do_wd'] is False for i in NO_WD) and second.state[c[0]]['step'] == 15
+    assert second.hypers[0]['cautious'] == kwargs.get('cautious', False)
+    assert_close_lists(run(second, c, 15, start=15), uninterrupted, atol=0.)
+
+
+def test_checkpoint_moves_native_fused_foreach():
+    "One run moved native -> fused -> foreach through weights_only checkpoints ends where native alone ends"
+    kw = dict(cautious=True, decouple_wd=True)
+    a = make_params()
+    uninterrupted = run(fx_adopt(a, 'native', **kw), a, 30)
+    ps, last = make_params(), None
+    for i, path in enumerate(PATHS):
+        ps = [p.detach().clone().requires_grad_() for p in ps]
+        opt = fx_adopt(ps, path, **kw)
+        if last is not None: opt.load_state_dict(last)
+        run(opt, ps, 10, start=10 * i)
+        last = roundtrip(opt.state_dict())
+        assert sorted(last['state'][0]) == ['grad_avg', 'sqr_avg', 'step']  # the same keys on every path
+    assert [s['step'] for s in last['state']] == [30] * len(ps)
+    assert_close_lists(ps, uninterrupted, atol=1e-6)
+
+
+@pytest.mark.parametrize('path', PATHS)
+def test_bf16_steps(path):
+    "bf16 parameters step on every path (the fused kernel in fp32) and agree with an fp32 run to bf16 resolution"
+    lo, hi = make_params(dtype=torch.bfloat16), make_params()
+    for p, q in zip(lo, hi): q.data = p.data.float()
+    rl, rh = run(fx_adopt(lo, path, cautious=True), lo, 6), run(fx_adopt(hi, path, cautious=True), hi, 6)
+    for x, y in zip(rl, rh):
+        assert x.dtype == torch.bfloat16 and x.isfinite().all()
+        # 5 moving steps of lr (3e-3) times |m| <= 6**0.25 times the cautious rescale (about 2: about half the
+        # elements are kept), under 0.05 together, plus bf16 rounding of values up to ~5 (2**-8 relative)
+        torch.testing.assert_close(x.float(), y, atol=0.05, rtol=2**-7)
+
+
+def test_eightbit_is_refused_naming_the_optimizers_that_have_it():
+    w = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match='ADOPT has no 8-bit path.*Lion, Adam, LARS, SGD, RMSProp, Adagrad, LAMB'):
+        ADOPT(w, lr=1e-3, eightbit=True)
+    with pytest.raises(ValueError, match='ADOPT has no 8-bit path'): adopt(eightbit=True)
+
+
+@pytest.mark.parametrize('bad,match', [
+    (dict(beta1=1.), r'`beta1` must be in \[0, 1\), got 1.0'), (dict(beta1=-0.1), '`beta1` must be in'),
+    (dict(beta2=1.), r'`beta2` must be in \[0, 1\)'), (dict(eps=0.), '`eps` must be a finite number > 0, got 0.0'),
+    (dict(eps=-1e-8), '`eps` must be a finite number > 0'), (dict(cautious=1), '`cautious` must be a bool, got 1'),
+    (dict(decouple_wd=None), '`decouple_wd` must be a bool'), (dict(wd=-0.1), '`wd` must be'),
+    (dict(lr=-1.), '`lr` must be'), (dict(percentile_clipping=0), '`percentile_clipping` must be in')])
+def test_bad_hypers_are_refused_by_range(bad, match):
+    w = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match=match): ADOPT(w, **{'lr': 1e-3, **bad})
+    opt = ADOPT(w, lr=1e-3)
+    for k, v in bad.items():
+        with pytest.raises(ValueError, match=match): opt.set_hyper(k, v)
+    assert opt.hypers[0] == ADOPT(w, lr=1e-3).hypers[0]
+
+
+def test_eps_zero_is_refused_because_the_reference_makes_nan():
+    "The reason `eps` must be > 0: a gradient element 0 on the first two steps is 0/0 in the reference"
+    p = torch.zeros(2, requires_grad=True)
+    ref = RefADOPT([p], lr=0.1, eps=0.)
+    for _ in range(2):
+        p.grad = torch.tensor([0., 1.])
+        ref.step()
+    assert p.isnan()[0] and not p.isnan()[1]
