@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 from typing import Callable
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  boolean, cautious_, cautious_foreach_, check_cautious)
+                                  boolean, steps_runs, cautious_, cautious_foreach_, check_cautious)
 from .eightbit import no_eightbit
 from .fused import FusedSpec, uncautious
-from .radam import steps_runs
+
 
 # %% auto #0
 __all__ = ['ADAN_FUSED', 'ADAN_CHECKS', 'adan', 'adan_beta', 'adan_moments_', 'adan_step', 'adan_foreach_moments_',

@@ -6,18 +6,17 @@ Docs: https://fastxtend.github.io/fastxtend_optim/adopt.html.md"""
 
 # %% ../nbs/23_adopt.ipynb #707f2e55
 from __future__ import annotations
-import math, numbers
 import torch
 from torch import Tensor
 from .core import (
-    FXOptimizer, select_path, unit_interval, boolean, percentile_range, opt_partial, cautious_, cautious_foreach_)
+    FXOptimizer, select_path, unit_interval, boolean, percentile_range, opt_partial, cautious_, cautious_foreach_, positive, steps_runs)
 from .eightbit import no_eightbit
 from .fused import FusedSpec
-from .radam import steps_runs
+
 
 # %% auto #0
 __all__ = ['ADOPT_FUSED', 'ADOPT_CHECKS', 'adopt', 'adopt_clip', 'adopt_step', 'adopt_foreach_step', 'adopt_update',
-           'adopt_scalars', 'positive', 'ADOPT']
+           'adopt_scalars', 'ADOPT']
 
 # %% ../nbs/23_adopt.ipynb #0dcb8eb7
 def adopt_clip(step:int) -> float:
@@ -77,11 +76,6 @@ def adopt_scalars(h:dict, group) -> dict:
 ADOPT_FUSED = FusedSpec(adopt_update, adopt_scalars)
 
 # %% ../nbs/23_adopt.ipynb #49dace06
-def positive(name:str, v):
-    "Raise unless `v` is a finite number > 0"
-    if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
-        raise ValueError(f"`{name}` must be a finite number > 0, got {v!r}")
-
 ADOPT_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, eps=positive, decouple_wd=boolean, cautious=boolean,
                     percentile_clipping=percentile_range)
 

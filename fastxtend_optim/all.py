@@ -23,7 +23,14 @@ from .qhadam import *
 from .lamb import *
 from .ademamix import *
 from .lookahead import *
+from .adan import *
+from .stableadamw import *
+from .adopt import *
+from .sophia import *
+from .muon import *
+from .schedulefree import *
 
 _MODULES = ('core', 'eightbit', 'fused',
-            'lion', 'adam', 'lars', 'sgd', 'rmsprop', 'adagrad', 'radam', 'qhadam', 'lamb', 'ademamix', 'lookahead')
+            'lion', 'adam', 'lars', 'sgd', 'rmsprop', 'adagrad', 'radam', 'qhadam', 'lamb', 'ademamix', 'lookahead',
+            'adan', 'stableadamw', 'adopt', 'sophia', 'muon', 'schedulefree')
 __all__ = [n for m in _MODULES for n in importlib.import_module(f'fastxtend_optim.{m}').__all__]  # nbdev's own would be empty

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated
 import pandas as pd
 import torch
-import fastai.optimizer as fastai_optim
 from fastcore.script import call_parse
 from fastprogress.fastprogress import progress_bar
 from .lion import Lion, lion, lion_step
@@ -29,6 +28,7 @@ from .ademamix import AdEMAMix, ademamix
 from .lookahead import Ranger, ranger
 from .adan import Adan, adan
 from .stableadamw import StableAdamW, stableadamw
+from .adopt import ADOPT, adopt
 from .sophia import Sophia, sophia, SophiaCallback
 from .muon import Muon
 from .schedulefree import ScheduleFreeAdamW, schedulefree_adamw
@@ -59,6 +59,7 @@ OPTIMIZERS = {  # factory, partial for the digits Learner and its peak lr, bytes
     'ranger': dict(opt=Ranger, partial=ranger, lr=3e-2, bytes=28, paths=NO_EIGHTBIT),  # + 16/k for the slow weights,
     'adan': dict(opt=Adan, partial=adan, lr=1e-2, bytes=44, paths=NO_EIGHTBIT),
     'stableadamw': dict(opt=StableAdamW, partial=stableadamw, lr=3e-3, bytes=28, paths=NO_EIGHTBIT),
+    'adopt': dict(opt=ADOPT, partial=adopt, lr=3e-3, bytes=28, paths=NO_EIGHTBIT),
     'sophia': dict(opt=Sophia, partial=sophia, lr=3e-3, bytes=24, paths=NO_EIGHTBIT, cbs=lambda: [SophiaCallback(k=10)]),
     'muon': dict(opt=Muon, partial=lambda **kw: partial(Muon, muon=[None, False], **kw), lr=2e-2, bytes=20,
                  paths=NO_EIGHTBIT),  # the digits head (group 1) takes AdamW; bytes: the element-wise part only
@@ -188,7 +189,8 @@ STEP_HYPERS = {  # our hypers in the step benchmark; the peers below are set to 
     'lion': dict(lr=1e-4, wd=0.1), 'adam': dict(lr=1e-4, wd=0.01), 'lars': dict(lr=1e-2),
     'sgd': dict(lr=1e-2, mom=0.9), 'rmsprop': dict(lr=1e-3), 'adagrad': dict(lr=1e-2), 'radam': dict(lr=1e-3),
     'qhadam': dict(lr=1e-3), 'lamb': dict(lr=1e-3, wd=0.01), 'ademamix': dict(lr=1e-3), 'ranger': dict(lr=1e-3),
-    'adan': dict(lr=1e-3), 'stableadamw': dict(lr=1e-3, wd=0.01), 'sophia': dict(lr=1e-4), 'muon': dict(lr=1e-3),
+    'adan': dict(lr=1e-3), 'stableadamw': dict(lr=1e-3, wd=0.01), 'adopt': dict(lr=1e-3),
+    'sophia': dict(lr=1e-4), 'muon': dict(lr=1e-3),
     'schedulefree_adamw': dict(lr=1e-3, wd=0.01, warmup_steps=10),
 }
 
@@ -247,6 +249,8 @@ PEERS = {  # optimizer -> [(name, module, make(module, params))]
     'stableadamw': [('optimi StableAdamW foreach', OPTIMI, lambda m, ps: m.StableAdamW(ps, foreach=True, **SA_KW)),
                     ('pytorch-optimizer StableAdamW foreach', 'pytorch_optimizer',
                      lambda m, ps: m.StableAdamW(ps, foreach=True, **SA_KW))],
+    'adopt': [('pytorch-optimizer ADOPT', 'pytorch_optimizer', lambda m, ps: m.ADOPT(ps, lr=1e-3, foreach=False)),
+              ('pytorch-optimizer ADOPT foreach', 'pytorch_optimizer', lambda m, ps: m.ADOPT(ps, lr=1e-3, foreach=True))],
     'sophia': [('sophia-opt SophiaG (no foreach)', 'sophia_opt',
                 lambda m, ps: m.SophiaG(ps, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1))],
     'muon': [('torch Muon + AdamW foreach', 'torch.optim', lambda m, ps: TorchMuonAdamW(ps))],

@@ -16,11 +16,11 @@ from fastai.optimizer import Optimizer
 from fastcore.foundation import L
 
 # %% auto #0
-__all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'unit_interval', 'closed_unit_interval', 'boolean',
-           'percentile_range', 'check_hypers', 'our_keywords', 'refuse_foreign_keywords', 'TensorGroup',
-           'gather_groups', 'init_state', 'weight_decay_', 'cautious_', 'cautious_foreach_', 'check_cautious',
-           'percentile_scales', 'scale_grads', 'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params',
-           'plain_number', 'FXOptimizer', 'opt_partial']
+__all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'positive', 'unit_interval', 'closed_unit_interval',
+           'boolean', 'percentile_range', 'check_hypers', 'our_keywords', 'refuse_foreign_keywords', 'TensorGroup',
+           'gather_groups', 'steps_runs', 'init_state', 'weight_decay_', 'cautious_', 'cautious_foreach_',
+           'check_cautious', 'percentile_scales', 'scale_grads', 'clip_by_percentile', 'foreach_chunks', 'select_path',
+           'check_params', 'plain_number', 'FXOptimizer', 'opt_partial']
 
 # %% ../nbs/00_core.ipynb #85b45c8e
 def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -28,6 +28,10 @@ def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance
 def non_negative(name:str, v):
     "Raise unless `v` is a finite number >= 0"
     if not (_is_number(v) and v >= 0): raise ValueError(f"`{name}` must be a finite number >= 0, got {v!r}")
+
+def positive(name:str, v):
+    "Raise unless `v` is a finite number > 0"
+    if not (_is_number(v) and v > 0): raise ValueError(f"`{name}` must be a finite number > 0, got {v!r}")
 
 def unit_interval(name:str, v):
     "Raise unless `v` is in [0, 1)"
@@ -107,6 +111,12 @@ def gather_groups(opt:Optimizer) -> list[TensorGroup]:
     return groups
 
 # %% ../nbs/00_core.ipynb #4b00b0b8
+def steps_runs(step:list[int]) -> dict[int, list[int]]:
+    "Indices of a group's tensors at each step count: the runs a ForEach step with per-step numbers takes together"
+    runs = {}
+    for i, t in enumerate(step): runs.setdefault(t, []).append(i)
+    return runs
+
 def init_state(group:TensorGroup, key:str, make:Callable=torch.zeros_like) -> list[Tensor]:
     "The tensors under `key` in each state of `group`, created with `make(p)` where missing"
     return [s[key] if key in s else s.setdefault(key, make(p)) for p, s in zip(group.params, group.states)]

@@ -11,14 +11,14 @@ from functools import partial
 import torch
 from torch import nn, Tensor
 from .core import (FXOptimizer, TensorGroup, select_path, unit_interval, non_negative, percentile_range,
-                                  boolean, opt_partial, init_state, scale_grads, refuse_foreign_keywords)
+                                  boolean, opt_partial, init_state, scale_grads, refuse_foreign_keywords, positive)
 from .adam import adam_step, adam_foreach_step, ADAM_FUSED
 from .eightbit import no_eightbit
 
 # %% auto #0
 __all__ = ['NS_COEFFS', 'MUON_STATE', 'ADAMW_STATE', 'MUON_CHECKS', 'muon', 'newton_schulz', 'muon_lr_scale', 'muon_step',
            'shape_runs', 'stack_bf16', 'muon_foreach_step', 'uses_muon', 'muon_flag', 'muon_splitter', 'ns_steps_range',
-           'positive', 'adamw_hypers', 'MuonOptimizer', 'dict_groups', 'Muon']
+           'adamw_hypers', 'MuonOptimizer', 'dict_groups', 'Muon']
 
 # %% ../nbs/25_muon.ipynb #b63e7caf
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # torch's Muon (Keller Jordan's quintic)
@@ -96,11 +96,6 @@ def ns_steps_range(name:str, v):
     "Raise unless `v` is an int in [0, 100) (torch's Muon refuses 100 or more)"
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 100:
         raise ValueError(f"`{name}` must be an int in [0, 100), got {v!r}")
-
-def positive(name:str, v):
-    "Raise unless `v` is a finite number > 0"
-    non_negative(name, v)
-    if v == 0: raise ValueError(f"`{name}` must be a finite number > 0, got {v!r}")
 
 # %% ../nbs/25_muon.ipynb #e07826ea
 MUON_STATE = ('grad_avg',)

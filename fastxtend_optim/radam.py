@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from fastai.optimizer import debias
-from .core import FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial
+from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
+                                  steps_runs)
 from .eightbit import no_eightbit
 from .fused import FusedSpec
 
 # %% auto #0
-__all__ = ['RADAM_FUSED', 'RADAM_CHECKS', 'radam', 'radam_rect', 'radam_denom', 'radam_step', 'steps_runs', 'radam_foreach_step',
+__all__ = ['RADAM_FUSED', 'RADAM_CHECKS', 'radam', 'radam_rect', 'radam_denom', 'radam_step', 'radam_foreach_step',
            'beta_softplus', 'radam_update', 'radam_numbers', 'radam_scalars', 'RAdam']
 
 # %% ../nbs/16_radam.ipynb #d9eeb3d9
@@ -48,12 +49,6 @@ def radam_step(p:Tensor, grad:Tensor, lr:float, mom:float, sqr_mom:float, eps:fl
 radam_step.defaults = dict(mom=0.9, sqr_mom=0.99, eps=1e-5, beta=0.)
 
 # %% ../nbs/16_radam.ipynb #c8e680cc
-def steps_runs(step:list[int]) -> dict[int, list[int]]:
-    "Indices of the tensors at each step count"
-    runs = {}
-    for i, t in enumerate(step): runs.setdefault(t, []).append(i)
-    return runs
-
 def radam_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], sqr_avg:list[Tensor], lr:float,
                        mom:float, sqr_mom:float, eps:float, beta:float, step:list[int], **kwargs):
     "RAdam's update on lists of tensors"

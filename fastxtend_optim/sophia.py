@@ -17,13 +17,13 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.losses import BaseLoss, LabelSmoothingCrossEntropy
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  gather_groups, init_state)
+                                  gather_groups, init_state, positive)
 from .eightbit import no_eightbit
 from .fused import FusedSpec
 
 # %% auto #0
 __all__ = ['SOPHIA_FUSED', 'SOPHIA_CHECKS', 'sophia', 'sophia_step', 'sophia_hessian_step', 'sophia_foreach_step',
-           'sophia_hessian_foreach_step', 'sophia_update', 'sophia_scalars', 'SophiaOptimizer', 'positive', 'Sophia',
+           'sophia_hessian_foreach_step', 'sophia_update', 'sophia_scalars', 'SophiaOptimizer', 'Sophia',
            'gnb_class_axis', 'kept_buffers', 'gnb_loss', 'SophiaCallback']
 
 # %% ../nbs/24_sophia.ipynb #0998cdf7
@@ -82,11 +82,6 @@ class SophiaOptimizer(FXOptimizer):
             else: sophia_hessian_foreach_step(hessian, group.grads, sqr_mom)
 
 # %% ../nbs/24_sophia.ipynb #122ed4f5
-def positive(name:str, v):
-    "Raise unless `v` is a finite number > 0"
-    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
-        raise ValueError(f"`{name}` must be a finite number > 0, got {v!r}")
-
 SOPHIA_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, rho=non_negative, eps=positive,
                      percentile_clipping=percentile_range)
 

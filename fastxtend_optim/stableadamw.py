@@ -6,15 +6,14 @@ Docs: https://fastxtend.github.io/fastxtend_optim/stableadamw.html.md"""
 
 # %% ../nbs/22_stableadamw.ipynb #089f3e70
 from __future__ import annotations
-import math
 from typing import Callable
 import torch
 from torch import Tensor
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, boolean,
-                                  opt_partial, cautious_, cautious_foreach_)
+                                  opt_partial, cautious_, cautious_foreach_, steps_runs)
 from .eightbit import no_eightbit
 from .fused import FusedSpec, uncautious
-from .radam import steps_runs
+
 
 # %% auto #0
 __all__ = ['STABLEADAMW_FUSED', 'STABLEADAMW_CHECKS', 'stableadamw', 'debiased_beta', 'stable_rms', 'stableadamw_step',

@@ -16,6 +16,7 @@ from fastxtend_optim.ademamix import AdEMAMix
 from fastxtend_optim.lookahead import Ranger
 from fastxtend_optim.adan import Adan
 from fastxtend_optim.stableadamw import StableAdamW
+from fastxtend_optim.adopt import ADOPT
 from fastxtend_optim.sophia import Sophia
 from fastxtend_optim.muon import Muon
 from fastxtend_optim.schedulefree import ScheduleFreeAdamW
@@ -23,8 +24,9 @@ from conftest import make_params, run, fx_groups, roundtrip, assert_close_lists,
 
 OPTIMIZERS = {'lion': Lion, 'adam': Adam, 'lars': Lars, 'sgd': partial(SGD, mom=0.9), 'rmsprop': RMSProp, 'adagrad': Adagrad,
               'radam': RAdam, 'qhadam': QHAdam, 'lamb': Lamb, 'ademamix': AdEMAMix, 'ranger': Ranger, 'adan': Adan,
-              'stableadamw': StableAdamW, 'sophia': Sophia, 'muon': Muon, 'schedulefree_adamw': ScheduleFreeAdamW}
-NO_EIGHTBIT = {'radam', 'qhadam', 'ranger', 'adan', 'stableadamw', 'sophia', 'muon',
+              'stableadamw': StableAdamW, 'adopt': ADOPT,
+              'sophia': Sophia, 'muon': Muon, 'schedulefree_adamw': ScheduleFreeAdamW}
+NO_EIGHTBIT = {'radam', 'qhadam', 'ranger', 'adan', 'stableadamw', 'adopt', 'sophia', 'muon',
                'schedulefree_adamw'}  # no bitsandbytes kernel fits their update
 PATHS = list(PATH_KWARGS)
 CASES = [(o, p) for o in OPTIMIZERS for p in PATHS if not (o in NO_EIGHTBIT and p == 'eightbit')]
@@ -50,7 +52,7 @@ RESUME_KWARGS = {'adam': dict(amsgrad=False, decouple_wd=False), 'lars': dict(ne
                  'adagrad': dict(wd=0.05, lr_decay=0.02, initial_accumulator_value=0.1),
                  'qhadam': dict(nu_2=0.6, decouple_wd=False), 'ademamix': dict(t_alpha=20, t_beta3=20),
                  'adan': dict(adam_wd=True, cautious=True), 'stableadamw': dict(wd=0.05, cautious=True),
-                 'sophia': dict(mom=0.9, rho=0.5, wd=0.05),
+                 'adopt': dict(wd=0.05, cautious=True, decouple_wd=True), 'sophia': dict(mom=0.9, rho=0.5, wd=0.05),
                  'muon': dict(nesterov=False, wd=0.05, adam_wd=0.1),
                  'schedulefree_adamw': dict(wd=0.05, warmup_steps=20, r=1.)}
 
@@ -76,7 +78,8 @@ MOVE_KWARGS = {'sgd': dict(nesterov=True, wd=0.05), 'rmsprop': dict(mom=0.9, wd=
                'adagrad': dict(wd=0.05, lr_decay=0.02, initial_accumulator_value=0.1), 'radam': dict(wd=0.05),
                'qhadam': dict(wd=0.05), 'lamb': dict(wd=0.05), 'ademamix': dict(wd=0.05, t_alpha=20, t_beta3=20),
                'adam': dict(amsgrad=True), 'lars': dict(clip=True, wd=0.01), 'ranger': dict(), 'adan': dict(wd=0.05),
-               'stableadamw': dict(wd=0.05, cautious=True), 'sophia': dict(wd=0.05, rho=0.5), 'muon': dict(wd=0.05),
+               'stableadamw': dict(wd=0.05, cautious=True),
+               'adopt': dict(wd=0.05, cautious=True), 'sophia': dict(wd=0.05, rho=0.5), 'muon': dict(wd=0.05),
                'schedulefree_adamw': dict(wd=0.05, warmup_steps=20, r=1.)}
 
 

@@ -8,7 +8,8 @@ from test_learner import quiet_fit, accuracy
 
 FASTAI = {'sgd': partial(fastai_optim.SGD, mom=0.9), 'rmsprop': fastai_optim.RMSProp, 'radam': fastai_optim.RAdam,
           'qhadam': fastai_optim.QHAdam, 'lamb': fastai_optim.Lamb, 'ranger': fastai_optim.ranger}
-OTHERS = ('adagrad', 'ademamix', 'adan', 'stableadamw', 'sophia', 'muon', 'schedulefree_adamw')  # no fastai class: vs fastai's Adam
+OTHERS = ('adagrad', 'ademamix', 'adan', 'stableadamw', 'adopt', 'sophia', 'muon',
+          'schedulefree_adamw')  # no fastai class: compared with fastai's Adam
 CASES = [(o, p) for o in [*FASTAI, *OTHERS] for p in PATH_FUNCS if has_path(o, p)]
 EPOCHS = 3
 
