@@ -180,7 +180,8 @@ def _kernel_inputs(bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor
     s = dict(zip(scalar_names, scalars.unbind()))
     v = {k: vec[block_member][:, None] for k, vec in zip(vector_names, vectors.unbind())}
     wide = {k: b.float() if b.element_size() < 4 else b for k, b in bufs.items()}  # fp16/bf16: math in fp32
-    g = wide['g'] * v.pop('grad_scale') + s.pop('l2') * wide['p']
+    g = wide['g'] * v.pop('grad_scale')
+    if 'l2' in s: g = g + s.pop('l2') * wide['p']  # absent when 0: a pre-pass then need not read the weights
     state = {k: b for k, b in wide.items() if k not in ('p', 'g')}
     return wide['p'] * s.pop('p_scale'), g, {**state, **s, **v}
 
@@ -280,7 +281,7 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None) -> bool:
     fg = FusedGroup(group.params, place.views['g'], group.states, scales,
                     p_scale=1 - h['lr'] * wd if decay and decouple else 1., l2=wd if decay and not decouple else 0.,
                     layout=layout, runs=place.runs, members=place.members)
-    named = dict(opt.fused.scalars(h, fg), grad_scale=scales, p_scale=fg.p_scale, l2=fg.l2)
+    named = dict(opt.fused.scalars(h, fg), grad_scale=scales, p_scale=fg.p_scale, **({'l2': fg.l2} if fg.l2 else {}))
     cautious = bool(h.get('cautious', False))
     if opt.fused.sums is not None or cautious: named.update(_member_sums(opt, layout, place, named, cautious))
     _run(opt, layout, place, named, _fused_apply)
