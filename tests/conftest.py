@@ -1,21 +1,74 @@
-"Shared helpers: a deterministic multi-tensor model and a loop that steps an optimizer on it."
-import io
+"""Shared helpers: a deterministic multi-tensor model and a loop that steps an optimizer on it.
+
+Every test runs once per device in `--devices` (default cpu,cuda; env FXO_TEST_DEVICES). A cuda case is skipped, and
+counted as skipped, where torch sees no CUDA device; inside one, torch's default device is CUDA, so the tensors a
+test makes live there. Random values come from CPU generators and are then moved, so both devices start alike.
+`@pytest.mark.cpu_only` (or a module in `CPU_ONLY_MODULES`) keeps a test to the CPU, `cuda_only` to CUDA."""
+import io, os
 import pytest
 import torch
 from fastxtend_optim.demo import PATH_FUNCS as PATH_KWARGS
+
+DEVICES = ('cpu', 'cuda')
+CPU_ONLY_MODULES = {  # whole modules about the CPU: see CONTRIBUTING.md
+    'test_bench.py': 'runs fxo-bench on the CPU, in subprocesses and in-process with device cpu',
+    'test_models.py': "runs fxo-bench's CPU-sized models, in subprocesses"}
+
+
+def pytest_addoption(parser):
+    parser.addoption('--devices', default=os.environ.get('FXO_TEST_DEVICES', ','.join(DEVICES)),
+                     help='comma-separated devices each test runs on (default: cpu,cuda; env FXO_TEST_DEVICES)')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cpu_only(reason): run this test on the CPU alone')
+    config.addinivalue_line('markers', 'cuda_only: run this test on CUDA alone (skipped without it)')
+
+
+def devices_for(node, devices) -> list[str]:
+    "The devices `node` runs on, of `devices`"
+    if node.get_closest_marker('cpu_only') or node.path.name in CPU_ONLY_MODULES: return [d for d in devices if d == 'cpu']
+    if node.get_closest_marker('cuda_only'): return [d for d in devices if d == 'cuda']
+    return list(devices)
+
+
+def pytest_generate_tests(metafunc):
+    devices = [d.strip() for d in metafunc.config.getoption('devices').split(',') if d.strip()]
+    unknown = set(devices) - set(DEVICES)
+    if unknown: raise pytest.UsageError(f'--devices: unknown {sorted(unknown)}; choose from {list(DEVICES)}')
+    metafunc.parametrize('device', devices_for(metafunc.definition, devices), indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def device(request):
+    "The test's device; on 'cuda', torch's default device for the test's duration"
+    dev = getattr(request, 'param', 'cpu')
+    if dev == 'cpu':  # the default already: no device context, whose overhead every torch call would pay
+        yield dev
+        return
+    if not torch.cuda.is_available(): pytest.skip('CUDA is not available')
+    previous = torch.get_default_device()
+    torch.set_default_device(dev)
+    try: yield dev
+    finally: torch.set_default_device(None if previous.type == 'cpu' else previous)
+
+
+def randn(*shape, generator, dtype=torch.float32) -> torch.Tensor:
+    "`torch.randn` drawn from a CPU `generator`, moved to the default device: the same values on every device"
+    return torch.randn(*shape, generator=generator, dtype=dtype, device='cpu').to(torch.get_default_device())
 
 
 def make_params(seed=0, shapes=((64, 32), (32,), (5000,), (4097,), (10, 64), (10,)), dtype=torch.float32):
     "Leaf tensors of varied sizes: some below bitsandbytes' 4096-element 8-bit threshold, one a partial block"
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+    return [randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
 
 
 def set_grads(params, step, seed=1):
     "A gradient that depends on the parameter (pull toward 0.5) plus fixed per-step noise"
     g = torch.Generator().manual_seed(seed * 100_003 + step)
     for p in params:
-        noise = torch.randn(p.shape, generator=g).to(p.dtype)
+        noise = randn(p.shape, generator=g).to(p.device, p.dtype)
         p.grad = (p.detach() - 0.5) * 0.1 + noise
 
 

@@ -2,7 +2,7 @@
 import copy
 import pytest
 import torch
-from conftest import make_params, set_grads, run, fx_groups, PATH_KWARGS
+from conftest import make_params, set_grads, run, fx_groups, randn, PATH_KWARGS
 from test_common import OPTIMIZERS, CASES
 
 
@@ -91,14 +91,14 @@ def test_complex_parameters_are_refused_where_the_math_does_not_hold(name, path)
 def test_complex_adam_matches_torch(path, decouple_wd):
     "Adam steps a complex tensor as its real and imaginary parts, as torch.optim.Adam(W) does"
     g = torch.Generator().manual_seed(0)
-    z0 = torch.randn(64, 70, dtype=torch.cfloat, generator=g)  # 8960 real elements: 8-bit state on that path
+    z0 = randn(64, 70, dtype=torch.cfloat, generator=g)  # 8960 real elements: 8-bit state on that path
     ours, ref = z0.clone().requires_grad_(), z0.clone().requires_grad_()
     kw = dict(PATH_KWARGS[path], optim_bits=32) if path == 'eightbit' else PATH_KWARGS[path]
     opt = OPTIMIZERS['adam']([ours], lr=1e-2, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.1, decouple_wd=decouple_wd, **kw)
     ref_cls = torch.optim.AdamW if decouple_wd else torch.optim.Adam
     ref_opt = ref_cls([ref], lr=1e-2, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.1)
     for _ in range(20):
-        grad = torch.randn(64, 70, dtype=torch.cfloat, generator=g)
+        grad = randn(64, 70, dtype=torch.cfloat, generator=g)
         ours.grad, ref.grad = grad.clone(), grad.clone()
         opt.step(); ref_opt.step()
     assert opt.state[ours]['step'] == 20 and opt.path == path
@@ -108,12 +108,12 @@ def test_complex_adam_matches_torch(path, decouple_wd):
 def test_complex_and_real_adam_fused_together():
     "On the fused path a real tensor takes the fused kernel and a complex one ForEach; both match torch's AdamW"
     g = torch.Generator().manual_seed(1)
-    w0, z0 = torch.randn(300, generator=g), torch.randn(20, 10, dtype=torch.cfloat, generator=g)
+    w0, z0 = randn(300, generator=g), randn(20, 10, dtype=torch.cfloat, generator=g)
     ours, ref = [w0.clone().requires_grad_(), z0.clone().requires_grad_()], [w0.clone().requires_grad_(), z0.clone().requires_grad_()]
     opt = OPTIMIZERS['adam'](ours, lr=1e-2, wd=0.1, fused=True)
     ref_opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.1)
     for _ in range(10):
-        grads = [torch.randn(w0.shape, generator=g), torch.randn(z0.shape, dtype=torch.cfloat, generator=g)]
+        grads = [randn(w0.shape, generator=g), randn(z0.shape, dtype=torch.cfloat, generator=g)]
         for o, r, gr in zip(ours, ref, grads): o.grad, r.grad = gr.clone(), gr.clone()
         opt.step(); ref_opt.step()
     assert len(opt._fused_layouts) == 1   # the real tensor's group only

@@ -191,15 +191,15 @@ def test_schedules_group_sizes_and_freezing_do_not_recompile():
     assert counters['stats']['unique_graphs'] == compiled
 
 
-def test_without_a_compiler_the_path_warns_once_and_runs_foreach(monkeypatch):
-    monkeypatch.setitem(fused_mod._UNAVAILABLE, 'cpu', 'torch.compile finds no C++ compiler (test)')
+def test_without_a_compiler_the_path_warns_once_and_runs_foreach(monkeypatch, device):
+    monkeypatch.setitem(fused_mod._UNAVAILABLE, device, 'torch.compile finds no C++ compiler (test)')
     a, b = make_params(), make_params()
     opt = fx_groups(Adam, a, 'fused')
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         got = run(opt, a, 5)
     assert [str(w.message) for w in caught if 'fused path' in str(w.message)] == \
-        ['the fused path cannot run on cpu: torch.compile finds no C++ compiler (test). '
+        [f'the fused path cannot run on {device}: torch.compile finds no C++ compiler (test). '
          'This optimizer takes the ForEach path instead.']
     assert opt.path == 'foreach'
     assert_close_lists(got, run(fx_groups(Adam, b, 'foreach'), b, 5), atol=0.)

@@ -193,6 +193,7 @@ def test_checkpoint_of_another_model_refused():
         other.load_state_dict(opt.state_dict())
 
 
+@pytest.mark.cpu_only  # on CUDA, test_cuda.py checks that the state is paged
 def test_paged_falls_back_on_cpu_with_a_warning():
     a, b = make_params(), make_params()
     with pytest.warns(UserWarning, match='is_paged=True. needs CUDA'):

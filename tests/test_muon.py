@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 from fastxtend_optim.muon import Muon, muon, muon_splitter, newton_schulz
-from conftest import make_params, set_grads, run, gappy_run, assert_close_lists, fx_groups, LRS, NO_WD
+from conftest import make_params, set_grads, run, gappy_run, assert_close_lists, fx_groups, randn, LRS, NO_WD
 
 PATHS = ('native', 'foreach', 'fused')
 # two groups ([:3], [3:]); matrices of one shape in both, a tall and a wide one, a do_wd=False matrix (5), a conv (AdamW)
@@ -164,5 +164,5 @@ def test_batched_newton_schulz_is_torchs_bit_for_bit():
     from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
     g = torch.Generator().manual_seed(0)
     for shape in ((573, 191), (191, 764), (191, 191), (7, 3)):
-        us = torch.randn(3, *shape, generator=g)
+        us = randn(3, *shape, generator=g)
         assert torch.equal(newton_schulz(us), torch.stack([torch_ns(u, (3.4445, -4.7750, 2.0315), 5, 1e-7) for u in us]))

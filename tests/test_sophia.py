@@ -227,7 +227,7 @@ def test_estimate_equals_hand_computed_gnb(dls, path):
     cb.refresh()
     assert_close_lists(list(learn.model.buffers()), before, atol=0.)  # BatchNorm's statistics are as they were
     logits = learn.model(*learn.xb)
-    y = torch.multinomial(logits.softmax(-1), 1, generator=torch.Generator().manual_seed(11)).squeeze(-1)
+    y = torch.multinomial(logits.softmax(-1), 1, generator=torch.Generator(logits.device).manual_seed(11)).squeeze(-1)
     g_hat = torch.autograd.grad(F.cross_entropy(logits, y), ws)
     n = len(y)
     for p, g in zip(ws, g_hat):
