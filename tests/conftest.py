@@ -91,6 +91,28 @@ def gappy_run(opt, params, steps):
     return [p.detach().clone() for p in params]
 
 
+def frozen_run(opt, params, steps=20, frozen=8, step=None):
+    """Step `steps` times while the first group (`params[:3]`) has no gradient for the first `frozen` steps; `step(i)`
+    replaces `opt.step()` where given (e.g. to step a second, late-built reference too)"""
+    for i in range(steps):
+        set_grads(params, i)
+        if i < frozen:
+            for p in params[:3]: p.grad = None
+        step(i) if step is not None else opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def assert_bf16_tracks_fp32(make, steps=8):
+    """bf16 parameters step (the fused kernel in fp32) and end within bf16 resolution of the same run in fp32;
+    `make(params)` builds the optimizer"""
+    lo, hi = make_params(dtype=torch.bfloat16), make_params()
+    for p, q in zip(lo, hi): q.data = p.data.float()
+    for x, y in zip(run(make(lo), lo, steps), run(make(hi), hi, steps)):
+        assert x.dtype == torch.bfloat16 and x.isfinite().all()
+        # `steps` steps of at most ~lr (3e-3) each, plus bf16 rounding of values up to ~5 (2**-8 relative)
+        torch.testing.assert_close(x.float(), y, atol=0.05, rtol=2**-7)
+
+
 def lockstep_absmax(eight, full, a, b, steps):
     """Step an 8-bit and a full-precision optimizer side by side; returns the largest `absmax1` of the 8-bit
     tensors and half the widest gap of bitsandbytes' signed map, the two numbers the quantization bounds need"""

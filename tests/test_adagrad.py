@@ -3,7 +3,7 @@ import pytest
 import torch
 import bitsandbytes.optim as bnb_optim
 from fastxtend_optim.adagrad import Adagrad
-from conftest import make_params, set_grads, run, assert_close_lists, fx_groups, torch_groups, roundtrip, LRS
+from conftest import make_params, set_grads, run, assert_close_lists, fx_groups, torch_groups, LRS
 
 WD = 0.01
 TORCH_CASES = [dict(), dict(lr_decay=0.05, initial_accumulator_value=0.1), dict(eps=1e-3, lr_decay=0.01)]

@@ -4,7 +4,7 @@ import torch
 import optimi
 from optimi.adan import adan as optimi_adan
 from fastxtend_optim.adan import Adan, adan
-from conftest import (assert_matches_reference, make_params, set_grads, run, gappy_run, assert_close_lists,
+from conftest import (assert_matches_reference, frozen_run, make_params, set_grads, run, gappy_run, assert_close_lists,
                       fx_groups, torch_groups, NO_WD, LRS)
 
 WD = 0.05
@@ -123,13 +123,6 @@ def test_first_step_sets_no_difference(path):
 @pytest.mark.parametrize('path', ['foreach', 'fused'])
 def test_per_tensor_step_counts_match_native(path):
     "The first group has no gradient for 8 steps: its tensors then start at their own step 1 (d = 0, debiasing anew)"
-    def frozen_run(opt, ps):
-        for i in range(20):
-            set_grads(ps, i)
-            if i < 8:
-                for p in ps[:3]: p.grad = None
-            opt.step()
-        return [p.detach().clone() for p in ps]
     a, b = make_params(), make_params()
     opt = fx_adan(b, path)
     got = frozen_run(opt, b)

@@ -5,7 +5,7 @@ import torch
 import bitsandbytes.optim as bnb_optim
 from fastxtend_optim import core
 from fastxtend_optim.ademamix import AdEMAMix, ademamix
-from conftest import make_params, run, roundtrip, assert_close_lists, fx_groups, torch_groups, PATH_KWARGS
+from conftest import make_params, run, assert_close_lists, fx_groups, torch_groups, PATH_KWARGS
 from test_fused import messy_run
 
 WD = 0.05

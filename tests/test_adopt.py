@@ -3,8 +3,8 @@ import pytest
 import torch
 from pytorch_optimizer import ADOPT as RefADOPT
 from fastxtend_optim.adopt import ADOPT, adopt
-from conftest import (assert_matches_reference, assert_paths_match_native, make_params, set_grads, run, gappy_run,
-                      assert_close_lists, fx_groups, torch_groups, LRS, NO_WD)
+from conftest import (assert_matches_reference, assert_bf16_tracks_fp32, frozen_run, assert_paths_match_native,
+                      make_params, set_grads, run, gappy_run, assert_close_lists, fx_groups, torch_groups, LRS, NO_WD)
 
 WD = 0.05
 PATHS = ('native', 'foreach', 'fused')
@@ -67,21 +67,14 @@ def test_step_one_only_stores_the_squared_gradient(path, decouple_wd):
 @pytest.mark.parametrize('path', PATHS)
 def test_per_tensor_step_counts(path):
     "The first group has no gradient for 8 steps: its tensors take their own step 1 at step 9, as a reference built then"
-    def frozen_run(step_fn, ps):
-        for i in range(20):
-            set_grads(ps, i)
-            if i < 8:
-                for p in ps[:3]: p.grad = None
-            step_fn(i)
-        return [p.detach().clone() for p in ps]
     ours, ref = make_params(), make_params()
     opt = fx_adopt(ours, path, cautious=True)
-    got = frozen_run(lambda i: opt.step(), ours)
+    got = frozen_run(opt, ours)
     assert [opt.state[p]['step'] for p in ours] == [12] * 3 + [20] * 3
     groups = torch_groups(ref, WD)
     late = RefADOPT(groups[:2], betas=(0.9, 0.9999), cautious=True)  # torch_groups: two groups per fastxtend group
     early = RefADOPT(groups[2:], betas=(0.9, 0.9999), cautious=True)
-    expected = frozen_run(lambda i: (early.step(), late.step() if i >= 8 else None), ref)
+    expected = frozen_run(None, ref, step=lambda i: (early.step(), late.step() if i >= 8 else None))
     assert_close_lists(got, expected, atol=1e-6)
 
 
@@ -111,14 +104,8 @@ def test_fused_schedules_do_not_recompile():
 @pytest.mark.parametrize('path', PATHS)
 def test_bf16_steps(path):
     "bf16 parameters step on every path (the fused kernel in fp32) and agree with an fp32 run to bf16 resolution"
-    lo, hi = make_params(dtype=torch.bfloat16), make_params()
-    for p, q in zip(lo, hi): q.data = p.data.float()
-    rl, rh = run(fx_adopt(lo, path, cautious=True), lo, 6), run(fx_adopt(hi, path, cautious=True), hi, 6)
-    for x, y in zip(rl, rh):
-        assert x.dtype == torch.bfloat16 and x.isfinite().all()
-        # 5 moving steps of lr (3e-3) times |m| <= 6**0.25 times the cautious rescale (about 2: about half the
-        # elements are kept), under 0.05 together, plus bf16 rounding of values up to ~5 (2**-8 relative)
-        torch.testing.assert_close(x.float(), y, atol=0.05, rtol=2**-7)
+    # 5 moving steps of lr (3e-3) times |m| <= 6**0.25 times the cautious rescale (about 2): under the helper's 0.05
+    assert_bf16_tracks_fp32(lambda ps: fx_adopt(ps, path, cautious=True), steps=6)
 
 
 def test_eightbit_is_refused_naming_the_optimizers_that_have_it():

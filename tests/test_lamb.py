@@ -5,7 +5,7 @@ import fastai.optimizer as fastai_optim
 from fastai.optimizer import debias
 from fastxtend_optim import core
 from fastxtend_optim.lamb import Lamb, lamb, lamb_direction, _moment
-from conftest import lockstep_absmax, make_params, run, roundtrip, assert_close_lists, fx_groups, LRS, PATH_KWARGS
+from conftest import lockstep_absmax, make_params, run, assert_close_lists, fx_groups, LRS, PATH_KWARGS
 from test_fused import messy_run
 
 WD = 0.05

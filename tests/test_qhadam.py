@@ -1,9 +1,8 @@
 "QHAdam against fastai's QHAdam on every path, and checkpoints across paths."
 import pytest
-import torch
 import fastai.optimizer as fastai_optim
-from fastxtend_optim.qhadam import QHAdam, qhadam
-from conftest import assert_matches_reference, make_params, set_grads, run, gappy_run, roundtrip, assert_close_lists, fx_groups, LRS
+from fastxtend_optim.qhadam import QHAdam
+from conftest import assert_matches_reference, make_params, run, gappy_run, assert_close_lists, fx_groups
 
 WD = 0.05
 PATHS = ('native', 'foreach', 'fused')

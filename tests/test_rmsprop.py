@@ -4,7 +4,7 @@ import torch
 import bitsandbytes.optim as bnb_optim
 import fastai.optimizer as fastai_optim
 from fastxtend_optim.rmsprop import RMSProp
-from conftest import assert_paths_match_native, make_params, run, assert_close_lists, fx_groups, torch_groups, roundtrip, LRS
+from conftest import assert_paths_match_native, make_params, run, assert_close_lists, fx_groups, torch_groups, LRS
 
 WD = 0.01
 

@@ -5,7 +5,8 @@ import bitsandbytes.optim as bnb_optim
 import fastai.optimizer as fastai_optim
 from fastxtend_optim.sgd import SGD
 from fastxtend_optim.lars import _buffer
-from conftest import assert_paths_match_native, lockstep_absmax, make_params, run, assert_close_lists, fx_groups, torch_groups, roundtrip, LRS
+from conftest import (assert_paths_match_native, lockstep_absmax, make_params, run, assert_close_lists, fx_groups,
+                      torch_groups, LRS)
 
 WD = 0.01
 TORCH_CASES = [dict(mom=0.), dict(mom=0.9), dict(mom=0.9, dampening=0.3), dict(mom=0.9, nesterov=True)]

@@ -3,13 +3,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from sophia_opt import SophiaG
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
-from fastai.losses import MSELossFlat, CrossEntropyLossFlat
+from fastai.losses import MSELossFlat
 import fastai.optimizer as fastai_optim
-from fastxtend_optim.sophia import Sophia, sophia, SophiaCallback, SophiaOptimizer
+from fastxtend_optim.sophia import Sophia, sophia, SophiaCallback
 from fastxtend_optim.demo import digits_dls, digits_learner
 from conftest import (make_params, set_grads, fx_groups, torch_groups, roundtrip, assert_close_lists, PATH_KWARGS,
                       NO_WD, LRS)

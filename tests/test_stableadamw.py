@@ -3,8 +3,8 @@ import pytest
 import torch
 import optimi
 from fastxtend_optim.stableadamw import StableAdamW, stableadamw, stable_rms
-from conftest import (assert_matches_reference, make_params, set_grads, run, gappy_run, assert_close_lists,
-                      fx_groups, torch_groups, NO_WD, LRS)
+from conftest import (assert_matches_reference, assert_bf16_tracks_fp32, make_params, set_grads, run, gappy_run,
+                      assert_close_lists, fx_groups, torch_groups, NO_WD, LRS)
 
 WD = 0.05
 PATHS = ('native', 'foreach', 'fused')
@@ -155,13 +155,7 @@ def test_bad_hypers_refused_by_range(kwargs, msg):
 @pytest.mark.parametrize('path', PATHS)
 def test_bf16_steps(path):
     "bf16 parameters step on every path (the fused kernel in fp32) and agree with an fp32 run to bf16 resolution"
-    lo, hi = make_params(dtype=torch.bfloat16), make_params()
-    for p, q in zip(lo, hi): q.data = p.data.float()
-    rl, rh = run(fx_stable(lo, path, wd=0.5), lo, 8), run(fx_stable(hi, path, wd=0.5), hi, 8)
-    for x, y in zip(rl, rh):
-        assert x.dtype == torch.bfloat16 and x.isfinite().all()
-        # 8 steps of at most ~lr (3e-3) each, plus bf16 rounding of values up to ~5 (2**-8 relative)
-        torch.testing.assert_close(x.float(), y, atol=0.05, rtol=2**-7)
+    assert_bf16_tracks_fp32(lambda ps: fx_stable(ps, path, wd=0.5))
 
 
 def test_bf16_foreach_decay_is_not_rounded():
