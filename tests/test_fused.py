@@ -14,6 +14,12 @@ from fastxtend_optim.radam import RAdam
 from fastxtend_optim.qhadam import QHAdam
 from fastxtend_optim.lamb import Lamb
 from fastxtend_optim.ademamix import AdEMAMix
+from fastxtend_optim.adan import Adan
+from fastxtend_optim.stableadamw import StableAdamW
+from fastxtend_optim.adopt import ADOPT
+from fastxtend_optim.sophia import Sophia
+from fastxtend_optim.muon import Muon
+from fastxtend_optim.schedulefree import ScheduleFreeAdamW
 from fastxtend_optim import fused as fused_mod
 from conftest import make_params, set_grads, run, fx_groups, roundtrip, assert_close_lists, LRS
 
@@ -33,6 +39,14 @@ CONFIGS = {
     'qhadam': (QHAdam, dict(wd=1e-2)),
     'lamb_clipped': (Lamb, dict(wd=1e-2, percentile_clipping=80)),
     'ademamix': (AdEMAMix, dict(t_alpha=50, t_beta3=50)),
+    'lion_cautious': (Lion, dict(cautious=True)),
+    'adam_cautious_l2': (Adam, dict(cautious=True, decouple_wd=False, wd=1e-2)),
+    'adan_cautious': (Adan, dict(cautious=True, adam_wd=True)),
+    'stableadamw_cautious': (StableAdamW, dict(cautious=True, percentile_clipping=80)),
+    'adopt_cautious_l2': (ADOPT, dict(cautious=True, wd=1e-2)),
+    'sophia': (Sophia, dict(rho=0.5)),
+    'muon': (Muon, dict(wd=1e-2)),
+    'schedulefree': (ScheduleFreeAdamW, dict(wd=1e-2, warmup_steps=10)),
 }
 
 
