@@ -12,7 +12,7 @@ from torch import Tensor
 from fastai.optimizer import debias
 from typing import Callable
 from .core import (opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range,
-                                  boolean, cautious_, cautious_foreach_, check_cautious)
+                                  boolean, cautious_, cautious_foreach_, check_cautious, foreach_mul_)
 from .eightbit import EightBitSpec, eightbit_args
 from .fused import FusedSpec, uncautious
 
@@ -40,7 +40,7 @@ def adam_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
                       max_sqr_avg:list[Tensor]|None=None, cautious:bool=False, **kwargs):
     "Adam's update on lists of tensors"
     torch._foreach_lerp_(grad_avg, grads, 1 - mom)
-    torch._foreach_mul_(sqr_avg, sqr_mom)
+    foreach_mul_(sqr_avg, sqr_mom)
     torch._foreach_addcmul_(sqr_avg, grads, grads, value=1 - sqr_mom)
     if amsgrad:
         torch._foreach_maximum_(max_sqr_avg, sqr_avg)
@@ -51,7 +51,7 @@ def adam_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
     step_sizes = [-lr / debias(mom, 1 - mom, t) for t in step]
     if not cautious: return torch._foreach_addcdiv_(params, grad_avg, denom, step_sizes)
     updates = cautious_foreach_(torch._foreach_div(grad_avg, denom), grads)
-    torch._foreach_mul_(updates, step_sizes)
+    foreach_mul_(updates, step_sizes)
     torch._foreach_add_(params, updates)
 
 # %% ../nbs/11_adam.ipynb #a36f2e94

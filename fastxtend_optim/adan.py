@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from typing import Callable
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  boolean, steps_runs, cautious_, cautious_foreach_, check_cautious)
+                                  boolean, steps_runs, cautious_, cautious_foreach_, check_cautious, foreach_mul_)
 from .eightbit import no_eightbit
 from .fused import FusedSpec, uncautious
 
@@ -62,12 +62,12 @@ def adan_foreach_moments_(grads:list[Tensor], grad_avg:list[Tensor], diff_avg:li
         pick = (lambda xs: xs) if len(runs) == 1 else (lambda xs, idx=idx: [xs[i] for i in idx])
         torch._foreach_lerp_(pick(grad_avg), pick(grads), 1 - adan_beta(beta1, t))
         torch._foreach_lerp_(pick(diff_avg), pick(diffs), 1 - adan_beta(beta2, t))
-    torch._foreach_mul_(diffs, beta2)
+    foreach_mul_(diffs, beta2)
     torch._foreach_add_(diffs, grads)  # the look-ahead gradient g + beta2*d
     for t, idx in runs.items():
         pick = (lambda xs: xs) if len(runs) == 1 else (lambda xs, idx=idx: [xs[i] for i in idx])
         b3 = adan_beta(beta3, t)
-        torch._foreach_mul_(pick(sqr_avg), b3)
+        foreach_mul_(pick(sqr_avg), b3)
         torch._foreach_addcmul_(pick(sqr_avg), pick(diffs), pick(diffs), value=1 - b3)
     torch._foreach_copy_(prev_grad, grads)
 
@@ -78,7 +78,7 @@ def adan_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
     adan_foreach_moments_(grads, grad_avg, diff_avg, sqr_avg, prev_grad, beta1, beta2, beta3, step)
     denom = torch._foreach_sqrt(sqr_avg)
     torch._foreach_add_(denom, eps)
-    if adam_wd and wd: torch._foreach_mul_(params, 1 - lr * wd)
+    if adam_wd and wd: foreach_mul_(params, 1 - lr * wd)
     if cautious:
         u = torch._foreach_mul(diff_avg, beta2)
         torch._foreach_add_(u, grad_avg)

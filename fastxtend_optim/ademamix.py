@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import torch
 from torch import Tensor
-from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range
+from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range, foreach_mul_
 from .eightbit import EightBitSpec, eightbit_args, update_tensor
 from .fused import FusedSpec
 
@@ -51,7 +51,7 @@ def ademamix_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list
     c1, c2 = [1 - beta1**t for t in step], [math.sqrt(1 - beta2**t) for t in step]
     torch._foreach_lerp_(grad_avg, grads, 1 - beta1)
     torch._foreach_lerp_(slow_avg, grads, [1 - beta3_at(t, beta1, beta3, t_beta3) for t in step])
-    torch._foreach_mul_(sqr_avg, beta2)
+    foreach_mul_(sqr_avg, beta2)
     torch._foreach_addcmul_(sqr_avg, grads, grads, value=1 - beta2)
     num = torch._foreach_mul(slow_avg, [a * alpha_at(t, alpha, t_alpha) for a, t in zip(c1, step)])
     torch._foreach_add_(num, grad_avg)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from .core import (
-    FXOptimizer, select_path, unit_interval, boolean, percentile_range, opt_partial, cautious_, cautious_foreach_, positive, steps_runs)
+    FXOptimizer, select_path, unit_interval, boolean, percentile_range, opt_partial, cautious_, cautious_foreach_, positive,
+    steps_runs, foreach_mul_)
 from .eightbit import no_eightbit
 from .fused import FusedSpec
 
@@ -54,7 +55,7 @@ def adopt_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Te
         normed = [torch.div(g, d, out=d).clamp_(-clip, clip) for g, d in zip(gs, denom)]  # in place: see above
         torch._foreach_lerp_(ms, normed, 1 - beta1)
         torch._foreach_add_(ps, cautious_foreach_(torch._foreach_mul(ms, 1.), gs) if cautious else ms, alpha=-lr)
-        torch._foreach_mul_(vs, beta2)
+        foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
 
 # %% ../nbs/23_adopt.ipynb #a4356d80

@@ -18,9 +18,9 @@ from fastcore.foundation import L
 # %% auto #0
 __all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'positive', 'unit_interval', 'closed_unit_interval',
            'boolean', 'percentile_range', 'check_hypers', 'our_keywords', 'refuse_foreign_keywords', 'TensorGroup',
-           'gather_groups', 'steps_runs', 'init_state', 'weight_decay_', 'cautious_', 'cautious_foreach_',
-           'check_cautious', 'percentile_scales', 'scale_grads', 'clip_by_percentile', 'foreach_chunks', 'select_path',
-           'check_params', 'plain_number', 'FXOptimizer', 'opt_partial']
+           'gather_groups', 'steps_runs', 'init_state', 'foreach_mul_', 'weight_decay_', 'cautious_',
+           'cautious_foreach_', 'check_cautious', 'percentile_scales', 'scale_grads', 'clip_by_percentile',
+           'foreach_chunks', 'select_path', 'check_params', 'plain_number', 'FXOptimizer', 'opt_partial']
 
 # %% ../nbs/00_core.ipynb #85b45c8e
 def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -122,17 +122,22 @@ def init_state(group:TensorGroup, key:str, make:Callable=torch.zeros_like) -> li
     return [s[key] if key in s else s.setdefault(key, make(p)) for p, s in zip(group.params, group.states)]
 
 # %% ../nbs/00_core.ipynb #de592264
-def _foreach_scalar(v:float, like:Tensor):
-    """`v` for a `_foreach_*` op on tensors like `like`: a 0-d fp32 tensor for CPU fp16/bf16, whose slow path would
-    round a Python number to their precision first (bf16: 0.998 becomes 0.99609375); the number itself elsewhere"""
-    return torch.tensor(v) if like.device.type == 'cpu' and like.element_size() < 4 else v
+def foreach_mul_(tensors:list[Tensor], scalar):
+    """`torch._foreach_mul_(tensors, scalar)`. On CPU fp16/bf16 tensors a Python number (or a list of them) goes in as
+    0-d fp32 tensors: torch's in-place slow path would round it to their precision first (bf16: 0.99 becomes
+    0.98828125), where `Tensor.mul_` and the CUDA kernels compute in fp32"""
+    if tensors and tensors[0].device.type == 'cpu' and tensors[0].element_size() < 4:
+        if isinstance(scalar, numbers.Real): scalar = torch.tensor(float(scalar))
+        elif isinstance(scalar, (list, tuple)) and not any(isinstance(s, Tensor) for s in scalar):
+            scalar = [torch.tensor(float(s)) for s in scalar]
+    return torch._foreach_mul_(tensors, scalar)
 
 def weight_decay_(params:list[Tensor], grads:list[Tensor], lr:float, wd:float, decouple_wd:bool=True,
                   do_wd:bool=True) -> list[Tensor]:
     "Decay `params` in place (decoupled) or return `grads + wd*params` (L2); returns the gradients to use"
     if not do_wd or wd == 0: return grads
     if decouple_wd:
-        torch._foreach_mul_(params, _foreach_scalar(1 - lr*wd, params[0]))
+        foreach_mul_(params, 1 - lr*wd)
         return grads
     return torch._foreach_add(grads, params, alpha=wd)
 
@@ -150,8 +155,8 @@ def cautious_foreach_(us:list[Tensor], gs:list[Tensor]) -> list[Tensor]:
     kept = torch.stack(torch._foreach_norm(masks)).square_().round_()  # a 0/1 mask's count; 2-norms are the fast ones
     numels = torch.tensor([u.numel() for u in us], dtype=kept.dtype, device=kept.device)
     scales = numels * (kept + 1).reciprocal()  # what `numel / tensor` computes in `cautious_`
-    torch._foreach_mul_(masks, list(scales.to(us[0].dtype).unbind()))
-    torch._foreach_mul_(us, masks)
+    foreach_mul_(masks, list(scales.to(us[0].dtype).unbind()))
+    foreach_mul_(us, masks)
     return us
 
 def check_cautious(cautious, eightbit):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from fastai.optimizer import debias
-from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range
+from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range, foreach_mul_
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec, stacked_norms, compiled_or_eager
 
@@ -62,7 +62,7 @@ def lamb_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
                       mom:float, sqr_mom:float, eps:float, step:list[int], **kwargs):
     "LAMB's update on lists of tensors"
     torch._foreach_lerp_(grad_avg, grads, 1 - mom)
-    torch._foreach_mul_(sqr_avg, sqr_mom)
+    foreach_mul_(sqr_avg, sqr_mom)
     torch._foreach_addcmul_(sqr_avg, grads, grads, value=1 - sqr_mom)
     d = lamb_foreach_directions(grad_avg, sqr_avg, mom, sqr_mom, eps, step)
     q = lamb_trust(stacked_norms(params), stacked_norms(d))

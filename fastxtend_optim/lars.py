@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import partial
 import torch
 from torch import Tensor
-from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range
+from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range, foreach_mul_
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec, stacked_norms
 
@@ -53,7 +53,7 @@ def lars_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
     "LARS's update on lists of tensors"
     p_norms = stacked_norms(params)
     local = lars_local_lr(p_norms, stacked_norms(grads), lr, trust_coeff, clip, eps, wd)
-    torch._foreach_mul_(grad_avg, mom)
+    foreach_mul_(grad_avg, mom)
     damps = [lars_damping(t, mom, dampening) for t in step]
     if all(dm == 1 for dm in damps): torch._foreach_add_(grad_avg, grads)
     else: torch._foreach_add_(grad_avg, torch._foreach_mul(grads, damps))

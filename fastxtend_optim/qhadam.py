@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from fastai.optimizer import debias
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range,
-                                  closed_unit_interval, opt_partial)
+                                  closed_unit_interval, opt_partial, foreach_mul_)
 from .fused import FusedSpec
 from .eightbit import no_eightbit
 
@@ -37,14 +37,14 @@ def qhadam_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[T
                         **kwargs):
     "QHAdam's update on lists of tensors"
     torch._foreach_lerp_(grad_avg, grads, 1 - mom)
-    torch._foreach_mul_(sqr_avg, sqr_mom)
+    foreach_mul_(sqr_avg, sqr_mom)
     torch._foreach_addcmul_(sqr_avg, grads, grads, value=1 - sqr_mom)
     num = torch._foreach_div(grad_avg, [debias(mom, 1 - mom, t) for t in step])
-    torch._foreach_mul_(num, nu_1)
+    foreach_mul_(num, nu_1)
     torch._foreach_add_(num, grads, alpha=1 - nu_1)
     denom = torch._foreach_div(sqr_avg, [debias(sqr_mom, 1 - sqr_mom, t) for t in step])
     if nu_2 != 1:
-        torch._foreach_mul_(denom, nu_2)
+        foreach_mul_(denom, nu_2)
         torch._foreach_addcmul_(denom, grads, grads, value=1 - nu_2)
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastai.optimizer import debias
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  steps_runs)
+                                  steps_runs, foreach_mul_)
 from .eightbit import no_eightbit
 from .fused import FusedSpec
 
@@ -53,7 +53,7 @@ def radam_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Te
                        mom:float, sqr_mom:float, eps:float, beta:float, step:list[int], **kwargs):
     "RAdam's update on lists of tensors"
     torch._foreach_lerp_(grad_avg, grads, 1 - mom)
-    torch._foreach_mul_(sqr_avg, sqr_mom)
+    foreach_mul_(sqr_avg, sqr_mom)
     torch._foreach_addcmul_(sqr_avg, grads, grads, value=1 - sqr_mom)
     runs = steps_runs(step)
     for t, idx in runs.items():

@@ -8,7 +8,8 @@ Docs: https://fastxtend.github.io/fastxtend_optim/rmsprop.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
-from .core import opt_partial, FXOptimizer, check_hypers, select_path, unit_interval, non_negative, percentile_range
+from .core import (opt_partial, FXOptimizer, check_hypers, select_path, unit_interval, non_negative,
+                                  percentile_range, foreach_mul_)
 from .eightbit import EightBitSpec, eightbit_args
 from .fused import FusedSpec
 from .lars import boolean
@@ -32,9 +33,9 @@ def rmsprop_foreach_step(params:list[Tensor], grads:list[Tensor], sqr_avg:list[T
                          sqr_mom:float, eps:float, grad_avg:list[Tensor]|None=None, **kwargs):
     "RMSProp's update on lists of tensors"
     if grad_avg is not None:
-        torch._foreach_mul_(grad_avg, mom)
+        foreach_mul_(grad_avg, mom)
         torch._foreach_add_(grad_avg, grads)
-    torch._foreach_mul_(sqr_avg, sqr_mom)
+    foreach_mul_(sqr_avg, sqr_mom)
     torch._foreach_addcmul_(sqr_avg, grads, grads, value=1 - sqr_mom)
     denom = torch._foreach_sqrt(sqr_avg)
     torch._foreach_add_(denom, eps)

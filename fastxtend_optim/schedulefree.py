@@ -14,7 +14,7 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, LRFinder
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  foreach_chunks, init_state)
+                                  foreach_chunks, init_state, foreach_mul_)
 from .eightbit import no_eightbit
 from .fused import FusedSpec
 
@@ -77,7 +77,7 @@ def schedulefree_foreach_step(params:list[Tensor], grads:list[Tensor], z:list[Te
                               beta2:float, eps:float, wd:float, warmup_steps:int, r:float, weight_lr_power:float,
                               do_wd:bool=True, scratch:list[Tensor]|None=None, **kwargs):
     "Schedule-Free AdamW's update on lists of tensors; `scratch`: two flat buffers for the denominator and $u$"
-    torch._foreach_mul_(exp_avg_sq, beta2)
+    foreach_mul_(exp_avg_sq, beta2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
     runs = sf_runs(step, lr_max, weight_sum)
     for (t, m, s), idx in runs.items():

@@ -8,7 +8,7 @@ Docs: https://fastxtend.github.io/fastxtend_optim/sgd.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
-from .core import opt_partial, FXOptimizer, check_hypers, select_path, unit_interval, percentile_range
+from .core import opt_partial, FXOptimizer, check_hypers, select_path, unit_interval, percentile_range, foreach_mul_
 from .eightbit import EightBitSpec, eightbit_args, update_tensor
 from .fused import FusedSpec
 from .lars import lars_damping, check_nesterov, lars_update, boolean
@@ -33,7 +33,7 @@ def sgd_foreach_step(params:list[Tensor], grads:list[Tensor], step:list[int], lr
                      nesterov:bool, grad_avg:list[Tensor]|None=None, **kwargs):
     "SGD's update on lists of tensors"
     if grad_avg is not None:
-        torch._foreach_mul_(grad_avg, mom)
+        foreach_mul_(grad_avg, mom)
         damps = [lars_damping(t, mom, dampening) for t in step]
         if all(dm == 1 for dm in damps): torch._foreach_add_(grad_avg, grads)
         else: torch._foreach_add_(grad_avg, torch._foreach_mul(grads, damps))

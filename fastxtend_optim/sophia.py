@@ -17,7 +17,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.losses import BaseLoss, LabelSmoothingCrossEntropy
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  gather_groups, init_state, positive)
+                                  gather_groups, init_state, positive, foreach_mul_)
 from .eightbit import no_eightbit
 from .fused import FusedSpec
 
@@ -52,7 +52,7 @@ def sophia_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[T
 
 def sophia_hessian_foreach_step(hessian:list[Tensor], grads:list[Tensor], sqr_mom:float):
     "`sophia_hessian_step` on lists of tensors"
-    torch._foreach_mul_(hessian, sqr_mom)
+    foreach_mul_(hessian, sqr_mom)
     torch._foreach_addcmul_(hessian, grads, grads, value=1 - sqr_mom)
 
 # %% ../nbs/24_sophia.ipynb #96b79dc7
@@ -164,7 +164,7 @@ class SophiaCallback(Callback):
         grads = [p.grad for p, *_ in opt.all_params(with_grad=True)]
         if scale != 1 and not all(n_.isfinite() for n_ in torch._foreach_norm(grads)): self.skipped += 1
         else:
-            torch._foreach_mul_(grads, math.sqrt(n) / scale)
+            foreach_mul_(grads, math.sqrt(n) / scale)
             opt.update_hessian()
             self.refreshes += 1
         opt.zero_grad()

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, boolean,
-                                  opt_partial, cautious_, cautious_foreach_, steps_runs)
+                                  opt_partial, cautious_, cautious_foreach_, steps_runs, foreach_mul_)
 from .eightbit import no_eightbit
 from .fused import FusedSpec, uncautious
 
@@ -52,7 +52,7 @@ def stable_lrs(grads:list[Tensor], denom:list[Tensor], lr:float, eps:float) -> l
     "Each tensor's clipped learning rate `lr/max(1, rms)`, from `denom` = sqrt(v) and one batched 2-norm"
     ratio = torch._foreach_clamp_min(denom, max(eps, _TINY ** 0.5))  # sqrt(max(v, eps²))
     torch._foreach_reciprocal_(ratio)
-    torch._foreach_mul_(ratio, grads)                                 # g/sqrt(max(v, eps²))
+    foreach_mul_(ratio, grads)                                 # g/sqrt(max(v, eps²))
     sq = torch.stack(torch._foreach_norm(ratio)).square()
     numel = torch.tensor([g.numel() for g in grads], dtype=sq.dtype, device=sq.device)
     return [lr / max(1., r) for r in (sq / numel).sqrt().tolist()]
@@ -70,15 +70,15 @@ def stableadamw_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:l
         pick = (lambda xs: xs) if len(runs) == 1 else (lambda xs: [xs[i] for i in idx])
         b2 = debiased_beta(sqr_mom, t)
         torch._foreach_lerp_(pick(grad_avg), pick(grads), 1 - debiased_beta(mom, t))
-        torch._foreach_mul_(pick(sqr_avg), b2)
+        foreach_mul_(pick(sqr_avg), b2)
         torch._foreach_addcmul_(pick(sqr_avg), pick(grads), pick(grads), value=1 - b2)
     denom = torch._foreach_sqrt(sqr_avg)
     lrs = stable_lrs(grads, denom, lr, eps)
-    if wd: torch._foreach_mul_(params, decay_factors([1 - l * wd for l in lrs], params[0]))
+    if wd: foreach_mul_(params, decay_factors([1 - l * wd for l in lrs], params[0]))
     torch._foreach_add_(denom, eps)
     if not cautious: return torch._foreach_addcdiv_(params, grad_avg, denom, [-l for l in lrs])
     u = cautious_foreach_(torch._foreach_div(grad_avg, denom), grads)
-    torch._foreach_mul_(u, [-l for l in lrs])
+    foreach_mul_(u, [-l for l in lrs])
     torch._foreach_add_(params, u)
 
 # %% ../nbs/22_stableadamw.ipynb #54533866
