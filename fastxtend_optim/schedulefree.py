@@ -6,7 +6,7 @@ Docs: https://fastxtend.github.io/fastxtend_optim/schedulefree.html.md"""
 
 # %% ../nbs/26_schedulefree.ipynb #f6e3d9aa
 from __future__ import annotations
-import dataclasses, functools, numbers
+import functools, numbers
 from contextlib import contextmanager
 import torch
 from torch import Tensor
@@ -50,12 +50,12 @@ def sf_numbers(step:int, lr_max:float, weight_sum:float, lr:float, beta1:float, 
 # %% ../nbs/26_schedulefree.ipynb #c7f75734
 def schedulefree_step(p:Tensor, grad:Tensor, z:Tensor, exp_avg_sq:Tensor, step:int, lr_max:float, weight_sum:float,
                       lr:float, beta1:float, beta2:float, eps:float, wd:float, warmup_steps:int, r:float,
-                      weight_lr_power:float, do_wd:bool=True, **kwargs):
+                      weight_lr_power:float, **kwargs):
     "Schedule-Free AdamW's update of `p` (holding $y$) with `grad`, one tensor at a time; `sf_advance_` ran first"
     lr_t, ckp1, coef, bc2 = sf_numbers(step, lr_max, weight_sum, lr, beta1, beta2, warmup_steps, r, weight_lr_power)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     u = grad / exp_avg_sq.div(bc2).sqrt_().add_(eps)
-    if do_wd and wd: u.add_(p, alpha=wd)  # decay at y
+    if wd: u.add_(p, alpha=wd)  # decay at y (the core hands do_wd=False tensors wd=0)
     p.lerp_(z, ckp1).add_(u, alpha=coef)
     z.sub_(u, alpha=lr_t)
 
@@ -75,7 +75,7 @@ def sf_scratch(params:list[Tensor], bufs:list[Tensor]|None=None) -> list[list[Te
 def schedulefree_foreach_step(params:list[Tensor], grads:list[Tensor], z:list[Tensor], exp_avg_sq:list[Tensor],
                               step:list[int], lr_max:list[float], weight_sum:list[float], lr:float, beta1:float,
                               beta2:float, eps:float, wd:float, warmup_steps:int, r:float, weight_lr_power:float,
-                              do_wd:bool=True, scratch:list[Tensor]|None=None, **kwargs):
+                              scratch:list[Tensor]|None=None, **kwargs):
     "Schedule-Free AdamW's update on lists of tensors; `scratch`: two flat buffers for the denominator and $u$"
     foreach_mul_(exp_avg_sq, beta2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
@@ -91,7 +91,7 @@ def schedulefree_foreach_step(params:list[Tensor], grads:list[Tensor], z:list[Te
         torch._foreach_add_(denom, eps)
         torch._foreach_copy_(u, pick(grads))
         torch._foreach_div_(u, denom)
-        if do_wd and wd: torch._foreach_add_(u, ps, alpha=wd)
+        if wd: torch._foreach_add_(u, ps, alpha=wd)
         torch._foreach_lerp_(ps, zs, ckp1)
         torch._foreach_add_(ps, u, alpha=coef)
         torch._foreach_sub_(zs, u, alpha=lr_t)
@@ -109,7 +109,7 @@ def schedulefree_scalars(h:dict, group) -> dict:
     keys = [(s['step'], s['lr_max'], s['weight_sum']) for s in group.states]
     known = {k: sf_numbers(*k, **h) for k in set(keys)}
     lr_t, ckp1, coef, bc2 = torch.tensor([known[k] for k in keys], dtype=torch.float64).unbind(1)
-    return dict(beta2=h['beta2'], beta2_c=1 - h['beta2'], eps=h['eps'], decay=h['sf_decay'], lr_t=lr_t, ckp1=ckp1,
+    return dict(beta2=h['beta2'], beta2_c=1 - h['beta2'], eps=h['eps'], decay=h['wd'], lr_t=lr_t, ckp1=ckp1,
                 coef=coef, bc2=bc2)
 
 SCHEDULEFREE_FUSED = FusedSpec(schedulefree_update, schedulefree_scalars)
@@ -164,8 +164,6 @@ class ScheduleFreeOptimizer(FXOptimizer):
         for s in group.states: sf_advance_(s, **group.hyper)
         group.sf_advanced = True
 
-    def _decay(self, group, params, grads): return grads  # decay is in the update, at y
-
     def _native_step(self, group, grads):
         self._advance(group)
         super()._native_step(group, grads)
@@ -180,13 +178,11 @@ class ScheduleFreeOptimizer(FXOptimizer):
         for idx in chunks:
             pick = lambda xs: [xs[i] for i in idx]
             self.foreach_step(pick(group.params), pick(grads), **{k: pick(v) for k, v in state.items()},
-                              do_wd=group.do_wd, scratch=scratch, **group.hyper)
+                              scratch=scratch, **self.step_hypers(group))
 
     def _fused_step(self, group, scales) -> bool:
         self._advance(group)
-        h = group.hyper
-        hyper = {**h, 'wd': 0., 'sf_decay': h['wd'] if group.do_wd else 0.}
-        return super()._fused_step(dataclasses.replace(group, hyper=hyper), scales)
+        return super()._fused_step(group, scales)
 
     def state_dict(self) -> dict:
         "State, hypers and the mode (`train_mode`), loadable with `torch.load(weights_only=True)`"
@@ -207,7 +203,7 @@ def ScheduleFreeAdamW(params, lr:float, beta1:float=0.9, beta2:float=0.999, eps:
     no_eightbit('ScheduleFreeAdamW', eightbit, kwargs, SCHEDULEFREE_CHECKS)
     return ScheduleFreeOptimizer(params, [schedulefree_step], schedulefree_foreach_step, state_keys=('z', 'exp_avg_sq'),
                                  path=select_path(foreach, False, fused), checks=SCHEDULEFREE_CHECKS,
-                                 fused=SCHEDULEFREE_FUSED, lr=lr, beta1=beta1, beta2=beta2, eps=eps, wd=wd,
+                                 fused=SCHEDULEFREE_FUSED, own_decay=True, lr=lr, beta1=beta1, beta2=beta2, eps=eps, wd=wd,
                                  warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
                                  percentile_clipping=percentile_clipping)
 
