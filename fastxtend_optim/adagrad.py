@@ -76,7 +76,8 @@ def adagrad_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
         update_tensor(spec, p.data, g, state, lr=adagrad_lr(h['lr'], h['lr_decay'], state['step']), wd=0., beta1=0.,
                       eps=h['eps'])
 
-ADAGRAD_8BIT = EightBitSpec('adagrad', kernel_wd=None, group_step=adagrad_eightbit_group)
+ADAGRAD_8BIT = EightBitSpec('adagrad', kernel_wd=None, group_step=adagrad_eightbit_group,
+                            fp32_keys=(('sqr_sum',),))
 
 # %% ../nbs/15_adagrad.ipynb #7e88216f
 ADAGRAD_CHECKS = dict(eps=non_negative, lr_decay=non_negative, initial_accumulator_value=non_negative,

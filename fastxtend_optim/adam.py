@@ -59,7 +59,7 @@ def adam_kernel_hypers(h:dict) -> dict:
     "Adam's hypers as bitsandbytes' `adam` kernel arguments"
     return dict(beta1=h['mom'], beta2=h['sqr_mom'], eps=h['eps'])
 
-ADAM_8BIT = EightBitSpec('adam', adam_kernel_hypers, two_states=True)
+ADAM_8BIT = EightBitSpec('adam', adam_kernel_hypers, two_states=True, fp32_keys=(('grad_avg',), ('sqr_avg',)))
 
 # %% ../nbs/11_adam.ipynb #2402469a
 def adam_update(p:Tensor, g:Tensor, grad_avg:Tensor, sqr_avg:Tensor, mom:Tensor, mom_c:Tensor, sqr_mom:Tensor,

@@ -69,7 +69,7 @@ def ademamix_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
                       beta3=beta3_at(t, h['beta1'], h['beta3'], h['t_beta3']), alpha=alpha_at(t, h['alpha'], h['t_alpha']))
 
 ADEMAMIX_8BIT = EightBitSpec('ademamix', two_states=True, kernel_wd=None, group_step=ademamix_eightbit_group,
-                             stacked_state1=True)
+                             stacked_state1=True, fp32_keys=(('grad_avg', 'slow_avg'), ('sqr_avg',)))
 
 # %% ../nbs/19_ademamix.ipynb #94b79b33
 def ademamix_update(p:Tensor, g:Tensor, grad_avg:Tensor, slow_avg:Tensor, sqr_avg:Tensor, beta1:Tensor,

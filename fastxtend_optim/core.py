@@ -7,10 +7,11 @@ Docs: https://fastxtend.github.io/fastxtend_optim/core.html.md"""
 # %% ../nbs/00_core.ipynb #2fe86036
 from __future__ import annotations
 import inspect, math, numbers, warnings
+from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable
-import torch
+import torch, torch.distributed
 from torch import Tensor
 from fastai.optimizer import Optimizer
 from fastcore.foundation import L
@@ -18,7 +19,8 @@ from fastcore.foundation import L
 # %% auto #0
 __all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'positive', 'unit_interval', 'closed_unit_interval',
            'boolean', 'percentile_range', 'check_hypers', 'our_keywords', 'refuse_foreign_keywords', 'TensorGroup',
-           'gather_groups', 'steps_runs', 'init_state', 'foreach_mul_', 'weight_decay_', 'cautious_',
+           'gather_groups', 'local_tensor', 'shard_group', 'sharded_over', 'is_sharded', 'whole_sums', 'whole_norms',
+           'stacked_norms', 'whole_norm', 'steps_runs', 'init_state', 'foreach_mul_', 'weight_decay_', 'cautious_',
            'cautious_foreach_', 'check_cautious', 'percentile_scales', 'scale_grads', 'clip_by_percentile',
            'foreach_chunks', 'select_path', 'check_params', 'plain_number', 'FXOptimizer', 'opt_partial']
 
@@ -86,10 +88,12 @@ class TensorGroup:
     "Parameters with a gradient that share hypers, device, dtype and `do_wd`"
     hyper: dict
     do_wd: bool
-    key: tuple = ()  # (param list index, device, dtype, do_wd)
-    params: list = field(default_factory=list)
+    key: tuple = ()  # (param list index, device, dtype, do_wd, shard group)
+    shard_group: object = None  # the process group over which FSDP2 shards these tensors; `None` when whole
+    params: list = field(default_factory=list)  # local shards of sharded (`DTensor`) parameters
     grads: list = field(default_factory=list)
     states: list = field(default_factory=list)
+    owners: list = field(default_factory=list)  # the parameters themselves (`DTensor`s where sharded)
 
 def gather_groups(opt:Optimizer) -> list[TensorGroup]:
     "Group `opt`'s parameters that have a gradient by param group, device, dtype and `do_wd`"
@@ -101,14 +105,65 @@ def gather_groups(opt:Optimizer) -> list[TensorGroup]:
             if grad is None: continue
             if grad.is_sparse: raise RuntimeError(f"parameter {j} of param group {i} has a sparse gradient: "
                                                   "sparse gradients are not supported")
-            state = opt.state[p]
-            key = (i, p.device, p.dtype, state.get('do_wd', True))  # complex tensors keep a group of their own
+            state, shards, owner = opt.state[p], shard_group(p), p
+            key = (i, p.device, p.dtype, state.get('do_wd', True), shards)  # complex tensors keep a group of their own
+            p, grad = local_tensor(p), local_tensor(grad)
             if p.is_complex(): p, grad = torch.view_as_real(p), torch.view_as_real(grad)  # (..., 2) real views
             group = by_key.get(key)
-            if group is None: group = by_key[key] = TensorGroup(hyper, key[3], key)
-            group.params.append(p); group.grads.append(grad); group.states.append(state)
+            if group is None: group = by_key[key] = TensorGroup(hyper, key[3], key, shards)
+            group.params.append(p); group.grads.append(grad); group.states.append(state); group.owners.append(owner)
         groups += by_key.values()
     return groups
+
+# %% ../nbs/00_core.ipynb #1eb4b38c
+_SHARDED = [None]  # the process group whole-tensor sums reduce over, inside `sharded_over`
+
+def local_tensor(t:Tensor|None) -> Tensor|None:
+    "A `DTensor`'s local shard (the same tensor object every call, a view of its storage); any other tensor as is"
+    return t._local_tensor if _is_dtensor(t) else t
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == 'DTensor' and hasattr(t, '_local_tensor')
+
+def shard_group(p:Tensor):
+    "The process group that shards `DTensor` `p` (one mesh dimension, `Shard` placement); `None` for whole tensors"
+    if not _is_dtensor(p): return None
+    kinds = {type(pl).__name__ for pl in p.placements}
+    sharded = [d for d, pl in enumerate(p.placements) if pl.is_shard()]
+    if len(sharded) > 1 or not kinds <= {'Shard', 'Replicate'}:
+        raise NotImplementedError(f"a parameter placed {tuple(p.placements)}: fastxtend_optim steps DTensors sharded "
+                                  "over one mesh dimension (FSDP2, HSDP), not tensor-parallel or partial ones")
+    return p.device_mesh.get_group(sharded[0]) if sharded else None
+
+@contextmanager
+def sharded_over(process_group):
+    "Within this context, `whole_sums` adds slices' sums over `process_group` (`None`: the tensors are whole)"
+    before, _SHARDED[0] = _SHARDED[0], process_group
+    try: yield
+    finally: _SHARDED[0] = before
+
+def is_sharded() -> bool:
+    "Whether the step in progress holds slices of sharded tensors"
+    return _SHARDED[0] is not None
+
+def whole_sums(local:Tensor) -> Tensor:
+    "Per-tensor sums over whole tensors from the local slices' sums: one `all_reduce` (in place) when sharded"
+    if is_sharded(): torch.distributed.all_reduce(local, group=_SHARDED[0])
+    return local
+
+def whole_norms(norms:Tensor) -> Tensor:
+    "Whole tensors' L2 norms from their slices' (fp32, any shape): one reduction when sharded, `norms` otherwise"
+    return whole_sums(norms.square()).sqrt() if is_sharded() else norms
+
+def stacked_norms(*lists:list[Tensor]) -> Tensor|list[Tensor]:
+    "The fp32 L2 norm of each tensor, one vector per list (a vector for one list), of whole tensors when sharded"
+    norms = [torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)) for ts in lists]
+    if len(lists) == 1: return whole_norms(norms[0])
+    return list(whole_norms(torch.cat(norms)).split([len(ts) for ts in lists]))
+
+def whole_norm(t:Tensor) -> float:
+    "One tensor's fp32 L2 norm as a number (the native path), over the whole tensor when sharded"
+    return whole_norms(torch.linalg.vector_norm(t, dtype=torch.float32)).item()
 
 # %% ../nbs/00_core.ipynb #4b00b0b8
 def steps_runs(step:list[int]) -> dict[int, list[int]]:
@@ -145,7 +200,9 @@ def weight_decay_(params:list[Tensor], grads:list[Tensor], lr:float, wd:float, d
 def cautious_(u:Tensor, g:Tensor) -> Tensor:
     "Zero `u` where `u*g <= 0` and rescale it by `numel/(kept + 1)`, in place"
     mask = (u * g > 0).to(u.dtype)
-    return u.mul_(mask.mul_(u.numel() / (mask.sum() + 1)))
+    if not is_sharded(): return u.mul_(mask.mul_(u.numel() / (mask.sum() + 1)))
+    kept, numel = whole_sums(torch.stack([mask.sum(dtype=torch.float32), torch.tensor(float(u.numel()))])).unbind()
+    return u.mul_(mask.mul_(numel / (kept + 1)))
 
 def cautious_foreach_(us:list[Tensor], gs:list[Tensor]) -> list[Tensor]:
     "`cautious_` on lists of tensors: the masks' counts come from one `_foreach_norm`"
@@ -154,6 +211,7 @@ def cautious_foreach_(us:list[Tensor], gs:list[Tensor]) -> list[Tensor]:
     torch._foreach_clamp_min_(masks, 0)
     kept = torch.stack(torch._foreach_norm(masks)).square_().round_()  # a 0/1 mask's count; 2-norms are the fast ones
     numels = torch.tensor([u.numel() for u in us], dtype=kept.dtype, device=kept.device)
+    if is_sharded(): kept, numels = whole_sums(torch.cat([kept.float(), numels.float()])).split(len(us))
     scales = numels * (kept + 1).reciprocal()  # what `numel / tensor` computes in `cautious_`
     foreach_mul_(masks, list(scales.to(us[0].dtype).unbind()))
     foreach_mul_(us, masks)
@@ -172,8 +230,8 @@ GNORM_HISTORY = 100
 def percentile_scales(grads:list[Tensor], states:list[dict], percentile:float=100) -> list[Tensor]|None:
     "Per gradient, the factor that brings it down to the `percentile`-th percentile of its recent norms; `None` at 100"
     if percentile >= 100: return None
-    scales = []
-    for g, n, s in zip(grads, torch._foreach_norm(grads), states):
+    scales, norms = [], torch._foreach_norm(grads) if not is_sharded() else stacked_norms(grads).unbind()
+    for g, n, s in zip(grads, norms, states):
         hist = s.get('gnorm_hist')
         if hist is None: hist = s['gnorm_hist'] = torch.zeros(GNORM_HISTORY, device=g.device)
         count = s.get('gnorm_count', 0)
@@ -290,13 +348,17 @@ class FXOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         for group in gather_groups(self):
-            for state in group.states: state['step'] = state.get('step', 0) + 1
-            scales = percentile_scales(group.grads, group.states, group.hyper.get('percentile_clipping', 100))
-            fused = self.path == 'fused' and not group.key[2].is_complex  # complex groups take ForEach
-            if fused and self._fused_step(group, scales): continue
-            grads = scale_grads(group.grads, scales)
-            getattr(self, '_foreach_step' if self.path == 'fused' else f'_{self.path}_step')(group, grads)
+            with sharded_over(group.shard_group): self._step_group(group)
         return loss
+
+    def _step_group(self, group:TensorGroup):
+        "Step one tensor group on this optimizer's path"
+        for state in group.states: state['step'] = state.get('step', 0) + 1
+        scales = percentile_scales(group.grads, group.states, group.hyper.get('percentile_clipping', 100))
+        fused = self.path == 'fused' and not group.key[2].is_complex  # complex groups take ForEach
+        if fused and self._fused_step(group, scales): return
+        grads = scale_grads(group.grads, scales)
+        getattr(self, '_foreach_step' if self.path == 'fused' else f'_{self.path}_step')(group, grads)
 
     def _fused_step(self, group, scales) -> bool:
         "The fused step; where this device cannot compile, warn once with the reason and take ForEach from now on"
@@ -345,22 +407,30 @@ class FXOptimizer(Optimizer):
         return {'state': [self.state[p] for p, *_ in self.all_params()], 'hypers': hypers}
 
     def load_state_dict(self, sd:dict):
-        "Load `sd`, refusing state saved on a path whose state this path cannot read"
+        """Load `sd`. State saved on the 8-bit path converts to the fp32 paths' state and the reverse, with one warning
+        (see the 8-bit notebook); state that cannot convert is refused with a `ValueError`, and nothing changes"""
         n_params = sum(len(pg) for pg in self.param_lists)
         if len(sd['hypers']) != len(self.param_lists) or len(sd['state']) != n_params:
             raise ValueError(f"the saved state has {len(sd['hypers'])} param groups and {len(sd['state'])} parameters; "
                              f"this optimizer has {len(self.param_lists)} and {n_params}")
-        foreign = self._foreign_state_keys(sd['state'])
-        if foreign: raise ValueError(f"this optimizer is on the {self.path!r} path and cannot use the saved state "
-                                     f"keys {sorted(foreign)}: load the checkpoint on the path that saved it")
+        states, note = sd['state'], None
+        foreign = self._foreign_state_keys(states)
+        if foreign and self.eightbit is None:
+            raise ValueError(f"this optimizer is on the {self.path!r} path and cannot use the saved state keys "
+                             f"{sorted(foreign)}: it has no 8-bit path to convert them from")
         for h in sd['hypers']: check_hypers(self.checks, **h)
-        self._check_state_shapes(sd['state'])
-        super().load_state_dict({'state': sd['state'], 'hypers': L(dict(h) for h in sd['hypers'])})
+        if foreign:
+            from fastxtend_optim.eightbit import convert_states
+            states, note = convert_states(self, states)
+        self._check_state_shapes(states)
+        super().load_state_dict({'state': states, 'hypers': L(dict(h) for h in sd['hypers'])})
+        if note: warnings.warn(note)
 
     def _check_state_shapes(self, states):
         "Refuse saved state whose tensors are not shaped like their parameters (as real views for complex ones)"
         params = [p for p, *_ in self.all_params()]
         for i, (p, s) in enumerate(zip(params, states)):
+            p = local_tensor(p)  # a sharded parameter's state is its shard's
             shape = torch.view_as_real(p).shape if p.is_complex() else p.shape
             for k in self.state_keys:
                 if k in s and isinstance(s[k], Tensor) and s[k].shape != shape:
@@ -368,10 +438,11 @@ class FXOptimizer(Optimizer):
                                      f"the parameter {tuple(shape)}")
 
     def _foreign_state_keys(self, states) -> set:
+        "The saved keys that belong to the other side of the 8-bit/fp32 divide: they need converting"
         from fastxtend_optim.eightbit import EIGHTBIT_STATE_KEYS
         saved = set().union(*(s.keys() for s in states))
-        if self.path == 'eightbit': return saved & set(self.state_keys)
-        return saved & EIGHTBIT_STATE_KEYS
+        if self.path != 'eightbit': return saved & EIGHTBIT_STATE_KEYS
+        return saved & ({k for keys in self.eightbit.fp32_keys for k in keys} | set(self.state_keys))
 
 # %% ../nbs/00_core.ipynb #c0f1a7e2
 def opt_partial(factory:Callable) -> Callable:

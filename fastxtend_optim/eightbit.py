@@ -14,9 +14,11 @@ from torch import Tensor
 from .core import TensorGroup, weight_decay_, refuse_foreign_keywords
 
 # %% auto #0
-__all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'EIGHTBIT_OPTIMIZERS', 'FourBitKernelNotice', 'bnb_functional',
-           'EightBitSpec', 'EightBitArgs', 'eightbit_args', 'no_eightbit', 'dynamic_map', 'state_buffer',
-           'init_eightbit_state', 'update_tensor', 'eightbit_step']
+__all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'EIGHTBIT_OPTIMIZERS', 'STATE_CARRIED', 'QUANTIZER_SLACK',
+           'FourBitKernelNotice', 'bnb_functional', 'EightBitSpec', 'EightBitArgs', 'eightbit_args', 'no_eightbit',
+           'dynamic_map', 'state_buffer', 'init_eightbit_state', 'update_tensor', 'eightbit_step',
+           'PathConversionWarning', 'quantize_state', 'dequantize_state', 'quantization_bound', 'eightbit_to_fp32',
+           'fp32_to_eightbit', 'convert_states']
 
 # %% ../nbs/01_eightbit.ipynb #5911b401
 class FourBitKernelNotice(logging.Filter):
@@ -49,6 +51,7 @@ class EightBitSpec:
     kernel_wd: str|None = 'decoupled'  # how the kernel's `weight_decay` acts: 'decoupled', 'l2', or None (not used)
     group_step: Callable|None = None   # replaces the per-tensor loop for optimizers that need more than the kernel
     stacked_state1: bool = False       # the kernel keeps two moments in `state1`, shaped `(2, *p.shape)` (AdEMAMix)
+    fp32_keys: tuple = ()              # per kernel state, the fp32 paths' keys it holds: `(('grad_avg',), ('sqr_avg',))`
 
 @dataclass(frozen=True)
 class EightBitArgs:
@@ -159,3 +162,147 @@ def _warn_unpaged(opt):
     if getattr(opt, '_warned_unpaged', False): return
     warnings.warn("`is_paged=True` needs CUDA: paging is off and the state uses ordinary buffers on this device")
     opt._warned_unpaged = True
+
+# %% ../nbs/01_eightbit.ipynb #c0a7e8d2
+STATE_CARRIED = ('step', 'do_wd', 'force_train', 'gnorm_hist', 'gnorm_count', 'slow_p')  # any path's: kept as they are
+QUANTIZER_SLACK = 2**-15  # the CPU quantizer's lookup does not resolve codes closer than this (see the bound below)
+
+class PathConversionWarning(UserWarning):
+    "`load_state_dict` converted a checkpoint's state between the 8-bit path and the fp32 paths"
+
+def _nearest_codes(y:Tensor, code:Tensor) -> Tensor:
+    "Index of the code nearest to each `y` (`code` ascending)"
+    i = torch.searchsorted(code, y.contiguous()).clamp_(1, len(code) - 1)
+    return torch.where(y - code[i - 1] <= code[i] - y, i - 1, i)
+
+def _padded_blocks(x:Tensor) -> tuple[Tensor, Tensor]:
+    "`x` flat, zero-padded to whole blocks, as `(blocks, BLOCKSIZE)`, and the mask of its real entries"
+    n = x.numel()
+    flat = x.new_zeros(math.ceil(n / BLOCKSIZE) * BLOCKSIZE)
+    flat[:n] = x.reshape(-1)
+    real = torch.zeros(flat.shape, dtype=torch.bool, device=x.device)
+    real[:n] = True
+    return flat.view(-1, BLOCKSIZE), real.view(-1, BLOCKSIZE)
+
+def quantize_state(x:Tensor, code:Tensor) -> tuple[Tensor, Tensor]:
+    """`x` as 8-bit codes shaped like it and one fp32 absmax per block of `BLOCKSIZE`: bitsandbytes' blockwise
+    quantizer, except for a block that the codes hold exactly (one dequantized from 8 bits), which keeps its codes
+    and absmax. bitsandbytes scales a block by its largest magnitude, and the signed map has 1 but no -1: a block whose
+    largest element is negative was stored with that element at the map's -0.9930, and comes back from dequantization
+    with a smaller maximum. Its absmax is recovered instead, so that 8 bits -> fp32 -> 8 bits is the identity."""
+    x = x.detach().float().contiguous()
+    q, qs = bnb_functional().quantize_blockwise(x, code=code, blocksize=BLOCKSIZE)
+    xb, real = _padded_blocks(x)
+    codes, _ = _padded_blocks(q.view(-1))
+    absmax, amax = qs.absmax.clone(), xb.abs().amax(1)
+    cands = [amax]
+    if code[0] < 0:  # the largest element at code[0]: absmax = |x| / |code[0]|, to within a unit in the last place
+        a = (amax.double() / -code[0].double()).float()
+        cands += [a, torch.nextafter(a, torch.zeros_like(a)), torch.nextafter(a, torch.full_like(a, math.inf))]
+    done = amax == 0  # an all-zero block: bitsandbytes' own codes and absmax 0, as the kernels leave it
+    for a in cands:
+        rows = (~done & (a > 0) & a.isfinite()).nonzero().squeeze(1)
+        for cols in (slice(0, 4), slice(None)):  # a cheap look at 4 values per block first: fp32 state fails there
+            c = _nearest_codes(xb[rows, cols] / a[rows, None], code)
+            exact = ((code[c] * a[rows, None] == xb[rows, cols]) | ~real[rows, cols]).all(1)
+            rows, c = rows[exact], c[exact]
+        codes[rows], absmax[rows], done[rows] = c.to(torch.uint8), a[rows], True
+    return codes.view(-1)[:x.numel()].view(x.shape), absmax
+
+def dequantize_state(q:Tensor, absmax:Tensor, code:Tensor) -> Tensor:
+    "8-bit codes `q` as fp32 values, decoded as the kernels decode them (blocks of `BLOCKSIZE`)"
+    return bnb_functional().dequantize_blockwise(q.contiguous(), absmax=absmax, code=code, blocksize=BLOCKSIZE)
+
+def quantization_bound(x:Tensor, absmax:Tensor, code:Tensor) -> Tensor:
+    """Per element of `x`, how far its 8-bit value may lie from it when `absmax` holds its blocks' absmax: absmax times
+    (half the gap between the two codes around x/absmax, or the distance past the map's end, + `QUANTIZER_SLACK`)"""
+    shape, x = x.shape, x.detach().float().reshape(-1)
+    a = absmax.reshape(-1).repeat_interleave(BLOCKSIZE)[:x.numel()]
+    y = x / torch.where(a > 0, a, 1.)
+    i = torch.searchsorted(code, y.contiguous()).clamp_(1, len(code) - 1)
+    outside = (y - code[-1]).clamp(min=0) + (code[0] - y).clamp(min=0)
+    return (a * (torch.maximum((code[i] - code[i - 1]) / 2, outside) + QUANTIZER_SLACK)).view(shape)
+
+def _kernel_states(spec:EightBitSpec) -> list[tuple[int, tuple]]:
+    "(i, the fp32 keys that `state{i}` holds) for each of the kernel's states"
+    if len(spec.fp32_keys) != (2 if spec.two_states else 1):
+        raise ValueError(f"the {spec.kernel!r} spec names no fp32 keys for its states: its checkpoints cannot convert")
+    return list(enumerate(spec.fp32_keys, 1))
+
+def _check_target_keys(spec:EightBitSpec, state_keys:tuple):
+    "Refuse when the fp32 path keeps other state than the 8-bit state holds (AMSGrad's max, RMSProp's momentum...)"
+    held = {k for _, keys in _kernel_states(spec) for k in keys}
+    if held != set(state_keys):
+        raise ValueError(f"the saved 8-bit state holds {sorted(held)}, and this optimizer keeps {sorted(state_keys)}: "
+                         f"build it with the options of the optimizer that saved the checkpoint")
+
+def _foreign_keys(s:dict, known:set, i:int, what:str):
+    unknown = sorted(set(s) - known - set(STATE_CARRIED))
+    if unknown: raise ValueError(f"the saved state {unknown} of parameter {i} has no place in {what}: load the "
+                                 "checkpoint on the path that saved it")
+
+def eightbit_to_fp32(p:Tensor, s:dict, spec:EightBitSpec, i:int=0) -> tuple[dict, bool]:
+    """Parameter `p`'s saved bitsandbytes state `s` as the fp32 paths' state, in `p`'s dtype; and whether it was
+    8-bit (dequantized) rather than 32-bit (renamed)"""
+    _foreign_keys(s, EIGHTBIT_STATE_KEYS, i, "the fp32 paths' state")
+    out, was_8bit = {k: v for k, v in s.items() if k not in EIGHTBIT_STATE_KEYS}, False
+    for j, keys in _kernel_states(spec):
+        t = s.get(f'state{j}')
+        shape = (len(keys), *p.shape) if len(keys) > 1 else tuple(p.shape)
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"saved 'state{j}' of parameter {i} is {getattr(t, 'shape', t)!r}, expected {shape}")
+        if t.dtype == torch.uint8:
+            was_8bit, absmax, code = True, s[f'absmax{j}'].to(p.device), s[f'qmap{j}'].to(p.device)
+            rows = [dequantize_state(t[k].to(p.device), absmax[k], code) for k in range(len(keys))] if len(keys) > 1 \
+                else [dequantize_state(t.to(p.device), absmax, code)]
+        else: rows = list(t) if len(keys) > 1 else [t]
+        for k, v in zip(keys, rows): out[k] = v.to(device=p.device, dtype=p.dtype, copy=True)
+    return out, was_8bit
+
+def fp32_to_eightbit(p:Tensor, s:dict, spec:EightBitSpec, args:EightBitArgs, i:int=0) -> tuple[dict, bool]:
+    """Parameter `p`'s saved fp32-path state `s` as bitsandbytes' state, quantized where the 8-bit path would
+    quantize (`optim_bits=8` and at least `min_8bit_size` elements), else fp32; and whether it was quantized"""
+    states = _kernel_states(spec)
+    _foreign_keys(s, {k for _, keys in states for k in keys}, i, f"bitsandbytes' {spec.kernel!r} state")
+    quantize = args.optim_bits == 8 and p.numel() >= args.min_8bit_size
+    out = {k: v for k, v in s.items() if k in STATE_CARRIED}
+    for j, keys in states:
+        missing = [k for k in keys if k not in s]
+        if missing: raise ValueError(f"the saved state of parameter {i} lacks {missing}, which 'state{j}' holds")
+        rows = [s[k].detach().to(p.device, torch.float32).reshape(p.shape) for k in keys]
+        stacked = len(keys) > 1
+        buf = state_buffer(p, torch.uint8 if quantize else torch.float32, args.is_paged, stacked)
+        if quantize:
+            code = dynamic_map(p.device, signed=j == 1)
+            codes, absmax = zip(*(quantize_state(r, code) for r in rows))
+            buf.copy_(torch.stack(codes) if stacked else codes[0])
+            out[f'qmap{j}'], out[f'absmax{j}'] = code, torch.stack(absmax) if stacked else absmax[0]
+        else: buf.copy_(torch.stack(rows) if stacked else rows[0])
+        out[f'state{j}'] = buf
+    return out, quantize
+
+def convert_states(opt, states:list[dict]) -> tuple[list[dict], PathConversionWarning]:
+    """`opt`'s saved `states` from the other side of the 8-bit/fp32 divide, converted for `opt.path`, and the one
+    warning that says so; raises `ValueError` (and converts nothing) where the state cannot convert"""
+    from .core import local_tensor  # a sharded parameter's state is its shard's
+    spec, params = opt.eightbit, [local_tensor(p) for p, *_ in opt.all_params()]
+    to_8bit, out, counts = opt.path == 'eightbit', [], [0, 0]
+    if not to_8bit: _check_target_keys(spec, opt.state_keys)
+    for i, (p, s) in enumerate(zip(params, states)):
+        held = 'state1' in s if not to_8bit else any(k in s for _, keys in _kernel_states(spec) for k in keys)
+        if not held: out.append(s); continue
+        if p.is_complex():
+            raise ValueError(f"parameter {i} is complex: the 8-bit path has no complex state to convert from or to")
+        new, first = fp32_to_eightbit(p, s, spec, opt.eightbit_args, i) if to_8bit else eightbit_to_fp32(p, s, spec, i)
+        out.append(new)
+        counts[0 if first else 1] += 1
+    n, (a, b) = sum(counts), counts
+    if to_8bit:
+        args = opt.eightbit_args
+        note = (f"converted the saved fp32 state of {n} parameters to the 8-bit path's state: {a} quantized to 8 bits "
+                f"(blockwise, each value within its block's absmax x (half a code gap + 2^-15) of the saved one), {b} "
+                f"kept in 32 bits (optim_bits={args.optim_bits}, min_8bit_size={args.min_8bit_size})")
+    else:
+        note = (f"converted the saved 8-bit state of {n} parameters to the fp32 state of the {opt.path!r} path: {a} "
+                f"dequantized from 8 bits, {b} taken from bitsandbytes' 32-bit state as they were")
+    return out, PathConversionWarning(note)

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 import torch
 from torch import Tensor
+from .core import stacked_norms, whole_sums, is_sharded, local_tensor, shard_group
 
 # %% auto #0
-__all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'stacked_norms', 'own_storage_view', 'Placement', 'FusedLayout', 'uncautious',
-           'fused_kernel', 'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step', 'compiled_or_eager']
+__all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'Placement', 'FusedLayout', 'uncautious', 'fused_kernel',
+           'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step', 'compiled_or_eager']
 
 # %% ../nbs/02_fused.ipynb #2f9b8bc9
 BLOCK = 256
@@ -60,9 +61,6 @@ class FusedGroup:
         if self.layout is None: return stacked_norms(self.params if key == 'p' else self.grads)
         return self.layout.norms(key, self.runs)[self.members]
 
-def stacked_norms(tensors:list[Tensor]) -> Tensor:
-    "The L2 norm of each tensor, computed in fp32, as one vector"
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
 
 # %% ../nbs/02_fused.ipynb #201add37
 def _blocks(p:Tensor) -> int: return math.ceil(p.numel() / BLOCK)
@@ -101,8 +99,8 @@ class Placement:
 
 class FusedLayout:
     "One tensor group's weights, gradients and state in `(blocks, BLOCK)` buffers; each tensor is a view of its rows"
-    def __init__(self, params:list[Tensor], states:list[dict], state_keys:tuple):
-        self.params, self.state_keys, self._placed = list(params), tuple(state_keys), None
+    def __init__(self, params:list[Tensor], states:list[dict], state_keys:tuple, staged:bool=False):
+        self.params, self.state_keys, self._placed, self.staged = list(params), tuple(state_keys), None, staged
         self.index = {id(p): i for i, p in enumerate(self.params)}
         counts = [_blocks(p) for p in self.params]
         self.starts = [0, *itertools.accumulate(counts)]
@@ -112,7 +110,7 @@ class FusedLayout:
         self.views = {k: [self._view(k, i) for i in range(len(self.params))] for k in self.bufs}
         for i, (p, state) in enumerate(zip(self.params, states)):
             self.views['p'][i].copy_(p.detach())
-            p.data = self.views['p'][i]
+            if not staged: p.data = self.views['p'][i]
             self.sync(i, p, {k: v for k, v in state.items() if k in self.state_keys})
             for k in self.state_keys:
                 if k in state: state[k] = self.views[k][i]
@@ -124,11 +122,12 @@ class FusedLayout:
         if key == 'p': return own_storage_view(buf, start, shape)
         return buf.view(-1)[start:start + math.prod(shape)].view(shape)
 
-    def sync(self, i:int, p:Tensor, state:dict):
-        "Make member `i`'s gradient and state views of the buffers, copying in what was replaced"
-        if p.grad is not None and p.grad is not self.views['g'][i]:
-            self.views['g'][i].copy_(p.grad)
-            p.grad = self.views['g'][i]
+    def sync(self, i:int, p:Tensor, state:dict, grad:Tensor|None=None):
+        "Make member `i`'s gradient (`grad`, or `p.grad`) and state views of the buffers, copying in what was replaced"
+        grad = p.grad if grad is None else grad
+        if grad is not None and grad is not self.views['g'][i]:
+            self.views['g'][i].copy_(grad)
+            if not self.staged: p.grad = self.views['g'][i]  # a sharded gradient stays FSDP2's
         for k in self.state_keys:
             view, cur = self.views[k][i], state.get(k)
             if cur is view: continue
@@ -154,7 +153,7 @@ class FusedLayout:
         views = place.views
         if all(map(operator.is_, grads, views['g'])) and \
            all(all(map(operator.is_, [s.get(k) for s in states], views[k])) for k in self.state_keys): return
-        for i, p, s in zip(place.index, place.params, states): self.sync(i, p, s)
+        for i, p, s, g in zip(place.index, place.params, states, grads): self.sync(i, p, s, g)
 
     def runs(self, params:list[Tensor]) -> list[tuple[int, int]]:
         "Member index ranges `[a, b)` of consecutive members in `params` (in member order)"
@@ -171,7 +170,7 @@ class FusedLayout:
             rows = slice(self.starts[a], self.starts[b])
             row_sq = torch.linalg.vector_norm(self.bufs[key][rows], dim=1, dtype=torch.float32).square()
             sq.index_add_(0, self.block_member[rows], row_sq)
-        return sq.sqrt()
+        return whole_sums(sq).sqrt()
 
 # %% ../nbs/02_fused.ipynb #bb13eae0
 def _kernel_inputs(bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor, vector_names:tuple,
@@ -239,8 +238,8 @@ def _compiler_missing(kind:str) -> str|None:
 
 # %% ../nbs/02_fused.ipynb #afd41db6
 def tensor_key(opt, p:Tensor) -> tuple:
-    "The part of a tensor group's key that belongs to the tensor: device, dtype and fastai's `do_wd`"
-    return (p.device, p.dtype, opt.state[p].get('do_wd', True))
+    "The part of a tensor group's key that belongs to the tensor: device, dtype, fastai's `do_wd`, its shard group"
+    return (p.device, p.dtype, opt.state[p].get('do_wd', True), shard_group(p))
 
 def group_layout(opt, group) -> FusedLayout:
     "`group`'s layout, rebuilt when it lacks a member or a member's weights moved (`model.to`, `p.data = ...`)"
@@ -248,11 +247,13 @@ def group_layout(opt, group) -> FusedLayout:
     old = layouts.get(group.key)
     if old is not None and old.holds(group.params): return old
     members = {id(p) for p in group.params}
+    owners = {id(local_tensor(p)): p for p in opt.param_lists[group.key[0]]}  # local shard -> its parameter
     if old is not None:
-        if any(p.data_ptr() != q for p, q in zip(old.params, old.ptrs)): _warn_moved(opt)
-        members |= {id(p) for p in old.params if tensor_key(opt, p) == group.key[1:]}
-    params = [p for p in opt.param_lists[group.key[0]] if id(p) in members]
-    layouts[group.key] = FusedLayout(params, [opt.state[p] for p in params], opt.state_keys)
+        if not old.staged and any(p.data_ptr() != q for p, q in zip(old.params, old.ptrs)): _warn_moved(opt)
+        members |= {id(p) for p in old.params if id(p) in owners and tensor_key(opt, owners[id(p)]) == group.key[1:]}
+    params = [p for p in map(local_tensor, opt.param_lists[group.key[0]]) if id(p) in members]
+    states = [opt.state[owners[id(p)]] for p in params]
+    layouts[group.key] = FusedLayout(params, states, opt.state_keys, staged=group.shard_group is not None)
     return layouts[group.key]
 
 def _warn_moved(opt):
@@ -274,6 +275,7 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None) -> bool:
     layout = group_layout(opt, group)
     place = layout.place(group.params)
     layout.sync_all(place, group.grads, group.states)
+    if layout.staged: torch._foreach_copy_(place.views['p'], place.params)  # FSDP2 keeps its own shard storage
     h, n = opt.step_hypers(group), len(group.params)
     wd, decay = h.get('wd', 0.), group.do_wd and h.get('wd', 0.) != 0 and not opt.own_decay
     decouple = h.get('decouple_wd', True)
@@ -285,6 +287,7 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None) -> bool:
     cautious = bool(h.get('cautious', False))
     if opt.fused.sums is not None or cautious: named.update(_member_sums(opt, layout, place, named, cautious))
     _run(opt, layout, place, named, _fused_apply)
+    if layout.staged: torch._foreach_copy_(place.params, place.views['p'])
     return True
 
 def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *extra) -> list:
@@ -314,6 +317,9 @@ def _member_sums(opt, layout:FusedLayout, place:Placement, named:dict, cautious:
             totals.setdefault(k, torch.zeros(len(layout.params), device=device)).index_add_(0, members, v)
     out = {k: v[place.members] for k, v in totals.items()}
     numel = torch.tensor([p.numel() for p in place.params], dtype=torch.float32, device=device)
+    if is_sharded():  # whole tensors' totals and counts, in one reduction
+        *sums, numel = whole_sums(torch.stack([*out.values(), numel])).unbind()
+        out = dict(zip(out, sums))
     if cautious: out['cautious_scale'] = numel * (out.pop('kept') + 1).reciprocal()  # as `cautious_` computes it
     if opt.fused.sums is not None: out['numel'] = numel
     return out

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 from fastai.optimizer import debias
 from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range, foreach_mul_
+from .core import stacked_norms, whole_norm, whole_norms, whole_sums
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
-from .fused import FusedSpec, stacked_norms, compiled_or_eager
+from .fused import FusedSpec, compiled_or_eager
 
 # %% auto #0
 __all__ = ['MAX_TRUST', 'LAMB_8BIT', 'LAMB_FUSED', 'LAMB_CHECKS', 'lamb', 'lamb_direction', 'lamb_trust', 'tensor_trust',
@@ -35,15 +36,13 @@ def tensor_trust(p_norm:float, d_norm:float) -> float:
     return 1. if p_norm == 0 or d_norm == 0 else min(p_norm / d_norm, MAX_TRUST)
 
 # %% ../nbs/18_lamb.ipynb #d085af8b
-def _norm(t:Tensor) -> float: return torch.linalg.vector_norm(t, dtype=torch.float32).item()
-
 def lamb_step(p:Tensor, grad:Tensor, grad_avg:Tensor, sqr_avg:Tensor, step:int, lr:float, mom:float, sqr_mom:float,
               eps:float, **kwargs):
     "LAMB's update of `p` with `grad`, one tensor at a time, in fastai's operation order"
     grad_avg.mul_(mom).add_(grad, alpha=1 - mom)
     sqr_avg.mul_(sqr_mom).addcmul_(grad, grad, value=1 - sqr_mom)
     d = lamb_direction(grad_avg, sqr_avg, debias(mom, 1 - mom, step), debias(sqr_mom, 1 - sqr_mom, step), eps)
-    p.add_(d, alpha=-lr * tensor_trust(_norm(p), _norm(d)))
+    p.add_(d, alpha=-lr * tensor_trust(whole_norm(p), whole_norm(d)))
 
 lamb_step.defaults = dict(mom=0.9, sqr_mom=0.99, eps=1e-5)
 
@@ -65,7 +64,7 @@ def lamb_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
     foreach_mul_(sqr_avg, sqr_mom)
     torch._foreach_addcmul_(sqr_avg, grads, grads, value=1 - sqr_mom)
     d = lamb_foreach_directions(grad_avg, sqr_avg, mom, sqr_mom, eps, step)
-    q = lamb_trust(stacked_norms(params), stacked_norms(d))
+    q = lamb_trust(*stacked_norms(params, d))
     torch._foreach_addcmul_(params, d, list((q * -lr).unbind()))
 
 # %% ../nbs/18_lamb.ipynb #3bc85fe2
@@ -88,11 +87,13 @@ def lamb_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
     h = group.hyper
     mom, sqr_mom, eps = h['mom'], h['sqr_mom'], h['eps']
     d_norms = torch.stack([_kernel_direction_norm(g, s, mom, sqr_mom, eps) for g, s in zip(grads, group.states)])
-    q = lamb_trust(stacked_norms(group.params), d_norms)
+    p_norms = torch.stack(torch._foreach_norm(group.params, 2, dtype=torch.float32))
+    q = lamb_trust(*whole_norms(torch.stack([p_norms, d_norms])).unbind())
     for p, g, state, q_ in zip(group.params, grads, group.states, q.tolist()):
         update_tensor(spec, p.data, g, state, lr=h['lr'] * q_, wd=0., beta1=mom, beta2=sqr_mom, eps=eps)
 
-LAMB_8BIT = EightBitSpec('lamb', two_states=True, kernel_wd=None, group_step=lamb_eightbit_group)
+LAMB_8BIT = EightBitSpec('lamb', two_states=True, kernel_wd=None, group_step=lamb_eightbit_group,
+                         fp32_keys=(('grad_avg',), ('sqr_avg',)))
 
 # %% ../nbs/18_lamb.ipynb #5f6c4da2
 def _direction_sq_rows(g:Tensor, m:Tensor, v:Tensor, p:Tensor, per_row:Tensor, consts:Tensor) -> Tensor:
@@ -131,7 +132,7 @@ def lamb_direction_norms(h:dict, group, debias1:Tensor, debias2:Tensor) -> Tenso
         row_sq = compiled_or_eager(_compiled_sq_rows(), _direction_sq_rows, rows.stop - rows.start, dev, *bufs,
                                    per[:, member], consts)
         sq.index_add_(0, member, row_sq)
-    return sq.sqrt()[group.members]
+    return whole_sums(sq).sqrt()[group.members]
 
 # %% ../nbs/18_lamb.ipynb #eef862fd
 def lamb_update(p:Tensor, g:Tensor, grad_avg:Tensor, sqr_avg:Tensor, mom:Tensor, mom_c:Tensor, sqr_mom:Tensor,

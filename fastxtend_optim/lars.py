@@ -10,8 +10,9 @@ from functools import partial
 import torch
 from torch import Tensor
 from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range, foreach_mul_
+from .core import stacked_norms, whole_norm
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
-from .fused import FusedSpec, stacked_norms
+from .fused import FusedSpec
 
 # %% auto #0
 __all__ = ['LARS_8BIT', 'LARS_FUSED', 'LARS_CHECKS', 'lars', 'trust_lr', 'lars_local_lr', 'tensor_lr', 'unorm_scale',
@@ -51,8 +52,8 @@ def lars_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
                       dampening:float, nesterov:bool, trust_coeff:float|None, clip:bool, eps:float, wd:float,
                       max_unorm:float, step:list[int], **kwargs):
     "LARS's update on lists of tensors"
-    p_norms = stacked_norms(params)
-    local = lars_local_lr(p_norms, stacked_norms(grads), lr, trust_coeff, clip, eps, wd)
+    p_norms, g_norms = stacked_norms(params, grads)
+    local = lars_local_lr(p_norms, g_norms, lr, trust_coeff, clip, eps, wd)
     foreach_mul_(grad_avg, mom)
     damps = [lars_damping(t, mom, dampening) for t in step]
     if all(dm == 1 for dm in damps): torch._foreach_add_(grad_avg, grads)
@@ -62,17 +63,15 @@ def lars_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
     torch._foreach_addcmul_(params, d, list((-local).unbind()))
 
 # %% ../nbs/12_lars.ipynb #3c0b32e7
-def _norm(t:Tensor) -> float: return torch.linalg.vector_norm(t, dtype=torch.float32).item()
-
 def lars_step(p:Tensor, grad:Tensor, grad_avg:Tensor, step:int, lr:float, mom:float, dampening:float, nesterov:bool,
               trust_coeff:float|None, clip:bool, eps:float, wd:float, max_unorm:float, **kwargs):
     "LARS's update of `p` with `grad`, one tensor at a time, its scalars in Python numbers as in fastai's `Larc`"
-    p_norm = _norm(p)
-    local = tensor_lr(p_norm, _norm(grad), lr, trust_coeff, clip, eps, wd)
+    p_norm = whole_norm(p)
+    local = tensor_lr(p_norm, whole_norm(grad), lr, trust_coeff, clip, eps, wd)
     grad_avg.mul_(mom).add_(grad, alpha=lars_damping(step, mom, dampening))
     d = grad.add(grad_avg, alpha=mom) if nesterov else grad_avg
     if max_unorm > 0:
-        d_norm, limit = _norm(d), p_norm * max_unorm
+        d_norm, limit = whole_norm(d), p_norm * max_unorm
         if d_norm > limit: local *= limit / d_norm
     p.add_(d, alpha=-local)
 
@@ -90,8 +89,8 @@ def lars_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
     "LARS on bitsandbytes' momentum kernel: trust ratio, dampening, Nesterov and `max_unorm` around it"
     h, params, states = group.hyper, group.params, group.states
     mom, nesterov = h['mom'], h['nesterov']
-    p_norms = stacked_norms(params)
-    local = lars_local_lr(p_norms, stacked_norms(grads), h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
+    p_norms, g_norms = stacked_norms(params, grads)
+    local = lars_local_lr(p_norms, g_norms, h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
     damps = [lars_damping(s['step'], mom, h['dampening']) for s in states]
     grads = [g if dm == 1 else g * dm for g, dm in zip(grads, damps)]
     if h['max_unorm'] > 0:
@@ -102,7 +101,7 @@ def lars_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
         update_tensor(spec, p.data, g, state, lr=lr * mom if nesterov else lr, wd=0., beta1=mom)
         if nesterov: p.data.add_(g, alpha=-lr)
 
-LARS_8BIT = EightBitSpec('momentum', kernel_wd=None, group_step=lars_eightbit_group)
+LARS_8BIT = EightBitSpec('momentum', kernel_wd=None, group_step=lars_eightbit_group, fp32_keys=(('grad_avg',),))
 
 # %% ../nbs/12_lars.ipynb #b91c69de
 def lars_update(p:Tensor, g:Tensor, grad_avg:Tensor, mom:Tensor, damp:Tensor, neg_local:Tensor, nesterov:bool,

@@ -44,7 +44,7 @@ def lion_kernel_hypers(h:dict) -> dict:
     "Lion's hypers as bitsandbytes' `lion` kernel arguments"
     return dict(beta1=h['beta1'], beta2=h['beta2'])
 
-LION_8BIT = EightBitSpec('lion', lion_kernel_hypers)
+LION_8BIT = EightBitSpec('lion', lion_kernel_hypers, fp32_keys=(('grad_avg',),))
 
 # %% ../nbs/10_lion.ipynb #45891c7e
 def lion_update(p:Tensor, g:Tensor, grad_avg:Tensor, lr:Tensor, beta1:Tensor, beta2_c:Tensor,

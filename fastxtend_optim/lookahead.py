@@ -11,7 +11,7 @@ from functools import partial
 from typing import Callable
 import torch
 from torch import Tensor
-from .core import foreach_chunks, opt_partial
+from .core import foreach_chunks, opt_partial, local_tensor
 from .radam import RAdam, RADAM_CHECKS
 from .eightbit import no_eightbit
 
@@ -57,15 +57,15 @@ class Lookahead:
         "A slow copy of every parameter that lacks one, as fastai copies all weights before the first step"
         for p in self._params():
             s = self.opt.state[p]
-            if 'slow_p' not in s: s['slow_p'] = p.detach().clone()
+            if 'slow_p' not in s: s['slow_p'] = local_tensor(p).detach().clone()
         self._slow_ready = True
 
     def _sync(self):
         fast, slow = [], []
         for p in self._params():
             s = self.opt.state[p]
-            if 'slow_p' not in s: s['slow_p'] = p.detach().clone()  # state replaced under us: start from here
-            else: fast.append(p.detach()); slow.append(s['slow_p'])
+            if 'slow_p' not in s: s['slow_p'] = local_tensor(p).detach().clone()  # state replaced: start from here
+            else: fast.append(local_tensor(p).detach()); slow.append(s['slow_p'])
         lookahead_(fast, slow, self.alpha)
 
     @torch.no_grad()
@@ -93,7 +93,7 @@ class Lookahead:
             raise ValueError(f"`lookahead_count` must be an int >= 0, got {count!r}")
         for i, (p, s) in enumerate(zip(self._params(), sd['state'])):
             slow = s.get('slow_p')
-            if slow is not None and (not isinstance(slow, Tensor) or slow.shape != p.shape):
+            if slow is not None and (not isinstance(slow, Tensor) or slow.shape != local_tensor(p).shape):
                 raise ValueError(f"saved 'slow_p' of parameter {i} is {getattr(slow, 'shape', slow)!r}, "
                                  f"the parameter {tuple(p.shape)}")
         self.opt.load_state_dict({k: v for k, v in sd.items() if k != 'lookahead_count'})

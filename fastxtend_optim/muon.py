@@ -16,9 +16,9 @@ from .adam import adam_step, adam_foreach_step, ADAM_FUSED
 from .eightbit import no_eightbit
 
 # %% auto #0
-__all__ = ['NS_COEFFS', 'MUON_STATE', 'ADAMW_STATE', 'MUON_CHECKS', 'muon', 'newton_schulz', 'muon_lr_scale', 'muon_step',
-           'shape_runs', 'stack_bf16', 'muon_foreach_step', 'uses_muon', 'muon_flag', 'muon_splitter', 'ns_steps_range',
-           'adamw_hypers', 'MuonOptimizer', 'dict_groups', 'Muon']
+__all__ = ['NS_COEFFS', 'MUON_STATE', 'ADAMW_STATE', 'MUON_CHECKS', 'muon', 'newton_schulz', 'muon_lr_scale', 'gather_whole',
+           'local_slice', 'muon_step', 'shape_runs', 'stack_bf16', 'muon_foreach_step', 'uses_muon', 'muon_flag',
+           'muon_splitter', 'ns_steps_range', 'adamw_hypers', 'MuonOptimizer', 'dict_groups', 'Muon']
 
 # %% ../nbs/25_muon.ipynb #b63e7caf
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # torch's Muon (Keller Jordan's quintic)
@@ -40,13 +40,32 @@ def muon_lr_scale(shape) -> float:
     "The factor torch's Muon puts on the lr of a `rows x cols` matrix: sqrt(max(1, rows/cols))"
     return math.sqrt(max(1, shape[0] / shape[1]))
 
+# %% ../nbs/25_muon.ipynb #322007bb
+def gather_whole(t:Tensor, owner:Tensor) -> Tensor:
+    "The whole tensor whose local slice is `t`, laid out as `DTensor` `owner` (one all-gather)"
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(t, owner.device_mesh, owner.placements, run_check=False, shape=owner.shape,
+                              stride=owner.stride()).full_tensor()
+
+def local_slice(whole:Tensor, owner:Tensor) -> Tensor:
+    "This rank's slice of `whole`, as `DTensor` `owner` shards it (`torch.chunk`'s split along each sharded dim)"
+    for m, placement in enumerate(owner.placements):
+        if not placement.is_shard(): continue
+        dim, n = placement.dim, whole.shape[placement.dim]
+        size = -(-n // owner.device_mesh.size(m))
+        start = min(owner.device_mesh.get_local_rank(m) * size, n)
+        whole = whole.narrow(dim, start, min(size, n - start))
+    return whole
+
 # %% ../nbs/25_muon.ipynb #3823e441
 def muon_step(p:Tensor, grad:Tensor, grad_avg:Tensor, lr:float, mom:float, nesterov:bool, ns_steps:int, eps:float,
-              **kwargs):
-    "Muon's update of the matrix `p` with `grad`, one tensor at a time"
+              owner:Tensor|None=None, **kwargs):
+    "Muon's update of the matrix `p` with `grad`, one tensor at a time; `owner`: the `DTensor` `p` is a shard of"
     grad_avg.lerp_(grad, 1 - mom)
     u = grad.lerp(grad_avg, mom) if nesterov else grad_avg
-    p.add_(newton_schulz(u, ns_steps, eps), alpha=-lr * muon_lr_scale(p.shape))
+    whole = u if owner is None else gather_whole(u, owner)
+    orth = newton_schulz(whole, ns_steps, eps)
+    p.add_(orth if owner is None else local_slice(orth, owner), alpha=-lr * muon_lr_scale(whole.shape))
 
 muon_step.defaults = dict(mom=0.95, nesterov=True, ns_steps=5, eps=1e-7)
 
@@ -64,14 +83,16 @@ def stack_bf16(tensors:list[Tensor]) -> Tensor:
     return out
 
 def muon_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], lr:float, mom:float,
-                      nesterov:bool, ns_steps:int, eps:float, **kwargs):
-    "Muon's update on lists of matrices, Newton–Schulz batched over the matrices of each shape"
+                      nesterov:bool, ns_steps:int, eps:float, owners:list[Tensor]|None=None, **kwargs):
+    "Muon's update on lists of matrices, Newton–Schulz batched over the matrices of each shape; `owners`: see `muon_step`"
     torch._foreach_lerp_(grad_avg, grads, 1 - mom)
     us = torch._foreach_lerp(grads, grad_avg, mom) if nesterov else grad_avg
-    for shape, idx in shape_runs(params).items():
+    wholes = us if owners is None else [gather_whole(u, o) for u, o in zip(us, owners)]
+    for shape, idx in shape_runs(wholes).items():
         pick = lambda xs: [xs[i] for i in idx]
-        orth = newton_schulz(stack_bf16(pick(us)), ns_steps, eps)
-        torch._foreach_add_(pick(params), list(orth.unbind()), alpha=-lr * muon_lr_scale(shape))
+        orth = list(newton_schulz(stack_bf16(pick(wholes)), ns_steps, eps).unbind())
+        if owners is not None: orth = [local_slice(o, owner) for o, owner in zip(orth, pick(owners))]
+        torch._foreach_add_(pick(params), orth, alpha=-lr * muon_lr_scale(shape))
 
 # %% ../nbs/25_muon.ipynb #97b154f0
 def uses_muon(p:Tensor, muon:bool|None) -> bool:
@@ -137,22 +158,24 @@ class MuonOptimizer(FXOptimizer):
         for kind, hyper in ((True, h), (False, adamw_hypers(h))):
             idx = [i for i, w in enumerate(which) if w == kind]
             pick = lambda xs: None if xs is None else [xs[i] for i in idx]
-            part = TensorGroup(hyper, group.do_wd, group.key, pick(group.params), pick(group.grads), pick(group.states))
+            part = TensorGroup(hyper, group.do_wd, group.key, group.shard_group, pick(group.params), pick(group.grads),
+                               pick(group.states), pick(group.owners))
             parts.append((part, *map(pick, lists)))
         return tuple(parts)
 
     def _native_step(self, group, grads):
         (mg, mgrads), (ag, agrads) = self._split(group, grads)
         init_state(mg, 'grad_avg')
-        for p, g, state in zip(mg.params, mgrads, mg.states):
+        for p, g, state, o in zip(mg.params, mgrads, mg.states, mg.owners):
             self._decay(mg, [p], [g])
-            muon_step(p, g, **{**state, **mg.hyper})
+            muon_step(p, g, **{**state, **mg.hyper}, owner=o if mg.shard_group is not None else None)
         if ag.params: super()._native_step(ag, agrads)
 
     def _muon_foreach(self, part, grads):
         if not part.params: return
         self._decay(part, part.params, grads)
-        muon_foreach_step(part.params, grads, init_state(part, 'grad_avg'), **part.hyper)
+        owners = part.owners if part.shard_group is not None else None
+        muon_foreach_step(part.params, grads, init_state(part, 'grad_avg'), owners=owners, **part.hyper)
 
     def _foreach_step(self, group, grads):
         (mg, mgrads), (ag, agrads) = self._split(group, grads)

@@ -63,7 +63,7 @@ def rmsprop_kernel_hypers(h:dict) -> dict:
     "RMSProp's hypers as bitsandbytes' `rmsprop` kernel arguments"
     return dict(beta1=h['sqr_mom'], eps=h['eps'])
 
-RMSPROP_8BIT = EightBitSpec('rmsprop', rmsprop_kernel_hypers, kernel_wd='l2')
+RMSPROP_8BIT = EightBitSpec('rmsprop', rmsprop_kernel_hypers, kernel_wd='l2', fp32_keys=(('sqr_avg',),))
 
 # %% ../nbs/14_rmsprop.ipynb #8be0a9ac
 RMSPROP_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, decouple_wd=boolean,

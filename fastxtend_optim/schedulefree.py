@@ -13,7 +13,7 @@ from torch import Tensor
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, LRFinder
-from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
+from .core import (FXOptimizer, local_tensor, select_path, unit_interval, non_negative, percentile_range, opt_partial,
                                   foreach_chunks, init_state, foreach_mul_)
 from .eightbit import no_eightbit
 from .fused import FusedSpec
@@ -149,7 +149,7 @@ class ScheduleFreeOptimizer(FXOptimizer):
         for params, h in zip(self.param_lists, self.hypers):
             w = weight(h['beta1'])
             for p in params:
-                if 'z' in self.state[p]: p.lerp_(self.state[p]['z'], w)  # the package's op, for equal weights
+                if 'z' in self.state[p]: local_tensor(p).lerp_(self.state[p]['z'], w)  # the package's op, for equal weights
 
     def step(self, closure=None):
         if not self.train_mode:

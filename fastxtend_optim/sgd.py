@@ -64,7 +64,7 @@ def sgd_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
         update_tensor(spec, p.data, g, state, lr=lr * mom if nesterov else lr, wd=0., beta1=mom)
         if nesterov: p.data.add_(g, alpha=-lr)
 
-SGD_8BIT = EightBitSpec('momentum', kernel_wd=None, group_step=sgd_eightbit_group)
+SGD_8BIT = EightBitSpec('momentum', kernel_wd=None, group_step=sgd_eightbit_group, fp32_keys=(('grad_avg',),))
 
 # %% ../nbs/13_sgd.ipynb #d365fb1a
 SGD_CHECKS = dict(mom=unit_interval, dampening=unit_interval, nesterov=boolean, decouple_wd=boolean,

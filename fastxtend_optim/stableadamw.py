@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, boolean,
                                   opt_partial, cautious_, cautious_foreach_, steps_runs, foreach_mul_)
+from .core import is_sharded, whole_sums
 from .eightbit import no_eightbit
 from .fused import FusedSpec, uncautious
 
@@ -29,8 +30,10 @@ _TINY = torch.finfo(torch.float32).tiny
 
 def stable_rms(grad:Tensor, sqr_avg:Tensor, eps:float) -> float:
     "sqrt(mean(g²/max(v, eps²))) of one tensor, as a Python float"
-    floor = max(eps * eps, _TINY)
-    return grad.square().div_(sqr_avg.clamp_min(floor)).mean().sqrt().item()
+    ratio = grad.square().div_(sqr_avg.clamp_min(max(eps * eps, _TINY)))
+    if not is_sharded(): return ratio.mean().sqrt().item()
+    total, numel = whole_sums(torch.stack([ratio.sum(dtype=torch.float32), torch.tensor(float(ratio.numel()))]))
+    return (total / numel).sqrt().item()
 
 # %% ../nbs/22_stableadamw.ipynb #a33df0fa
 def stableadamw_step(p:Tensor, grad:Tensor, grad_avg:Tensor, sqr_avg:Tensor, step:int, lr:float, mom:float,
@@ -55,6 +58,7 @@ def stable_lrs(grads:list[Tensor], denom:list[Tensor], lr:float, eps:float) -> l
     foreach_mul_(ratio, grads)                                 # g/sqrt(max(v, eps²))
     sq = torch.stack(torch._foreach_norm(ratio)).square()
     numel = torch.tensor([g.numel() for g in grads], dtype=sq.dtype, device=sq.device)
+    if is_sharded(): sq, numel = whole_sums(torch.cat([sq.float(), numel.float()])).split(len(grads))
     return [lr / max(1., r) for r in (sq / numel).sqrt().tolist()]
 
 def decay_factors(factors:list[float], like:Tensor) -> list:

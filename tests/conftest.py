@@ -12,7 +12,8 @@ from fastxtend_optim.demo import PATH_FUNCS as PATH_KWARGS
 DEVICES = ('cpu', 'cuda')
 CPU_ONLY_MODULES = {  # whole modules about the CPU: see CONTRIBUTING.md
     'test_bench.py': 'runs fxo-bench on the CPU, in subprocesses and in-process with device cpu',
-    'test_models.py': "runs fxo-bench's CPU-sized models, in subprocesses"}
+    'test_models.py': "runs fxo-bench's CPU-sized models, in subprocesses",
+    'test_distributed.py': 'runs process groups with gloo, the CPU backend, in torchrun subprocesses'}
 
 
 def pytest_addoption(parser):

@@ -1,5 +1,6 @@
 "Lion against reference implementations, across paths, and through checkpoints."
 import pytest
+from fastxtend_optim.eightbit import PathConversionWarning
 import torch
 import bitsandbytes.optim as bnb_optim
 import lion_pytorch
@@ -75,15 +76,16 @@ def test_checkpoint_moves_between_native_and_foreach():
     assert_close_lists(run(second, b, 10, start=10), uninterrupted, atol=1e-6)
 
 
-def test_eightbit_checkpoint_refused_on_native_path():
+def test_eightbit_checkpoint_converts_on_native_path():
+    "An 8-bit checkpoint loads on the native path, dequantized, with one warning (test_convert checks the values)"
     a = make_params()
     eight = fx_lion(a, 'eightbit')
     run(eight, a, 2)
     native = fx_lion(a, 'native')
-    hypers = [dict(h) for h in native.hypers]
-    with pytest.raises(ValueError, match='cannot use the saved state'):
+    with pytest.warns(PathConversionWarning, match='converted the saved 8-bit state') as caught:
         native.load_state_dict(eight.state_dict())
-    assert [dict(h) for h in native.hypers] == hypers
+    assert len([w for w in caught if issubclass(w.category, PathConversionWarning)]) == 1
+    assert all('grad_avg' in native.state[p] and 'state1' not in native.state[p] for p in a)
 
 
 @pytest.mark.parametrize('path', ['native', 'foreach', 'eightbit'])

@@ -1,0 +1,160 @@
+"""Runs of every optimizer and path on a small MLP, sharded with FSDP2 across processes or whole in one.
+
+Under torchrun: `python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py fsdp OUT`
+steps each case 20 times with FSDP2 (gloo on the CPU) and rank 0 saves the whole parameters to OUT;
+`run_case(..., sharded=False)` is the same run in one process, on the whole batch."""
+import os, sys
+from functools import partial
+import torch, torch.distributed as dist
+from torch import nn
+from fastxtend_optim.bench import OPTIMIZERS, has_path
+
+STEPS, BATCH = 20, 16
+PATH_KW = dict(native=dict(foreach=False), foreach=dict(foreach=True), fused=dict(fused=True),
+               eightbit=dict(eightbit=True, min_8bit_size=0),  # quantize every tensor: sharding moves the blocks
+               eightbit32=dict(eightbit=True, optim_bits=32))
+CASE_KWARGS = {  # what each optimizer runs with: decay, and the options that need whole-tensor math
+    'lion': dict(wd=0.1, cautious=True), 'adam': dict(wd=0.01, percentile_clipping=90), 'lars': dict(clip=True, wd=0.01),
+    'sgd': dict(mom=0.9, wd=0.01), 'rmsprop': dict(wd=0.01), 'adagrad': dict(wd=0.01), 'radam': dict(wd=0.01),
+    'qhadam': dict(wd=0.01), 'lamb': dict(wd=0.01), 'ademamix': dict(wd=0.01), 'ranger': dict(),
+    'adan': dict(wd=0.02, cautious=True), 'stableadamw': dict(wd=0.05), 'adopt': dict(wd=0.05, cautious=True),
+    'sophia': dict(wd=0.05, rho=0.5), 'muon': dict(wd=0.05, muon=[None, False]),
+    'schedulefree_adamw': dict(wd=0.05, warmup_steps=5)}
+
+
+def cases() -> list[tuple[str, str]]:
+    return [(n, p) for n in CASE_KWARGS for p in PATH_KW if has_path(n, p.replace('32', ''))]
+
+
+def make_model() -> nn.Sequential:
+    "An MLP whose row counts (13, 7, 1) split unevenly over 2 ranks; the last layer's rows leave rank 1 empty"
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 13), nn.ReLU(), nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 1))
+
+
+def make_opt(name:str, path:str, model:nn.Module, lr_scale:float=1.):
+    spec, kw = OPTIMIZERS[name], dict(CASE_KWARGS[name], **PATH_KW[path])
+    if kw.get('eightbit'): kw.pop('cautious', None)  # bitsandbytes' kernels cannot mask
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    groups = [[p for m in layers[:-1] for p in m.parameters()], list(layers[-1].parameters())]
+    opt = spec['opt'](groups, lr=spec['lr'] * lr_scale / 10, **kw)
+    for p in (m.bias for m in layers): opt.state[p]['do_wd'] = False
+    return opt
+
+
+def batches(step:int, rank:int=0, world:int=1):
+    g = torch.Generator().manual_seed(step)
+    x, y = torch.randn(BATCH, 10, generator=g), torch.randn(BATCH, 1, generator=g)
+    n = BATCH // world
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def run_case(name:str, path:str, sharded:bool=False, steps:int=STEPS) -> list[torch.Tensor]:
+    "`steps` steps of optimizer `name` on `path`: the whole parameters after them"
+    model = make_model()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+        for m in model:
+            if isinstance(m, nn.Linear): fully_shard(m)
+        fully_shard(model)
+    opt = make_opt(name, path, model)
+    for step in range(steps):
+        x, y = batches(step, rank, world)
+        nn.functional.mse_loss(model(x), y).backward()
+        if name == 'sophia' and step % 5 == 0: opt.update_hessian()  # the gradient as the Hessian estimate
+        opt.step(); opt.zero_grad()
+    if hasattr(opt, 'eval'): opt.eval()
+    return [p.full_tensor() if sharded else p.detach().clone() for p in model.parameters()]
+
+
+# fastai: the digits Learner through `learn.distrib_ctx()` (Accelerate's DDP), or in one process on the same batches
+RANK_BS, WORLD = 32, 2
+
+def digits_items() -> list:
+    "The digits training items, cut to whole global batches, in the order one process must see them"
+    from fastxtend_optim.demo import digits_dls
+    items = list(digits_dls(bs=RANK_BS).train.dataset)
+    per_rank = len(items) // WORLD // RANK_BS * RANK_BS
+    return items[:per_rank * WORLD]
+
+def one_process_order(items:list) -> list:
+    "fastai's DistributedDL gives rank r the r-th contiguous part: global batch k is every rank's k-th batch"
+    half = len(items) // WORLD
+    return [items[r * half + k * RANK_BS + i] for k in range(half // RANK_BS) for r in range(WORLD)
+            for i in range(RANK_BS)]
+
+def digits_learner_for(name:str, path:str, distributed:bool):
+    from fastai.basics import Learner, DataLoaders, DataLoader, CrossEntropyLossFlat
+    import fastxtend_optim.distributed  # Learner.distrib_ctx, and DistributedDL on the CPU
+    from fastxtend_optim.demo import body_head_splitter
+    items = digits_items()
+    if not distributed: items = one_process_order(items)
+    bs = RANK_BS if distributed else RANK_BS * WORLD
+    dls = DataLoaders(DataLoader(items, bs=bs, shuffle=False, drop_last=True), DataLoader(items[:64], bs=64))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU()), nn.Linear(32, 10))
+    spec, kw = OPTIMIZERS[name], dict(PATH_KW[path])
+    kw.pop('min_8bit_size', None)
+    cbs = spec['cbs']() if 'cbs' in spec else []
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=spec['partial'](**kw), splitter=body_head_splitter,
+                   cbs=cbs), spec
+
+def fit_digits(learn, spec, epochs:int=1):
+    with learn.no_bar(), learn.no_logging():
+        if spec.get('fit') == 'fit': learn.fit(epochs, spec['lr'])
+        else: learn.fit_one_cycle(epochs, spec['lr'])
+
+def fastai_case(name:str, path:str, distributed:bool) -> list[torch.Tensor]:
+    learn, spec = digits_learner_for(name, path, distributed)
+    if distributed:
+        with learn.distrib_ctx(sync_bn=False, cpu=True): fit_digits(learn, spec)
+    else: fit_digits(learn, spec)
+    return [p.detach().clone() for p in learn.model.parameters()]
+
+def fastai_cases() -> list[tuple[str, str]]:
+    return [(n, p) for n in OPTIMIZERS for p in ('native', 'foreach', 'fused', 'eightbit') if has_path(n, p)]
+
+def resume_case(path:str, out:str) -> dict:
+    "Adam: 2 epochs of `fit` whole, and 1 epoch, `Learner.save` (rank 0), `load` on every rank, 1 more epoch"
+    from fastxtend_optim.profiler import Profiler
+    whole, spec = digits_learner_for('adam', path, True)
+    with whole.distrib_ctx(sync_bn=False, cpu=True), whole.no_bar(), whole.no_logging(): whole.fit(2, 1e-3)
+    first, _ = digits_learner_for('adam', path, True)
+    first.path = type(first.path)(out).parent
+    with first.distrib_ctx(sync_bn=False, cpu=True), first.no_bar(), first.no_logging():
+        first.fit(1, 1e-3); first.save(f'resume_{path}')
+    dist.barrier()
+    second, _ = digits_learner_for('adam', path, True)
+    second.path = first.path
+    second.load(f'resume_{path}')
+    second.add_cb(Profiler(warmup=1))
+    with second.distrib_ctx(sync_bn=False, cpu=True), second.no_bar(), second.no_logging(): second.fit(1, 1e-3)
+    return dict(whole=[p.detach().clone() for p in whole.model.parameters()],
+                resumed=[p.detach().clone() for p in second.model.parameters()],
+                steps=second.opt.state[next(iter(second.model.parameters()))]['step'],
+                profiled=len(second.profiler.durations.get('opt_step', [])))
+
+def gather_to_rank0(results:dict, out:str):
+    "Every rank's results, saved by rank 0 as a list indexed by rank"
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, results)
+    if dist.get_rank() == 0: torch.save(everyone, out)
+
+def guarded(fn, *args):
+    try: return fn(*args)
+    except Exception as e: return f'{type(e).__name__}: {e}'
+
+def main(mode:str, out:str):
+    dist.init_process_group('gloo')
+    if mode == 'fsdp': results = {(n, p): guarded(run_case, n, p, True) for n, p in cases()}
+    elif mode == 'fastai':
+        results = {(n, p): guarded(fastai_case, n, p, True) for n, p in fastai_cases()}
+        results.update({('resume', p): guarded(resume_case, p, out) for p in ('foreach', 'fused', 'eightbit')})
+    else: raise SystemExit(f'unknown mode {mode!r}')
+    gather_to_rank0(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__': main(*sys.argv[1:])
