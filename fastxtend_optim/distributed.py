@@ -6,11 +6,19 @@ Docs: https://fastxtend.github.io/fastxtend_optim/distributed.html.md"""
 
 # %% ../nbs/03_distributed.ipynb #78f12029
 from __future__ import annotations
+import warnings
 import torch
-from fastai.distributed import DistributedDL
+from torch import Tensor
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor
+from .core import local_tensor
+from .eightbit import PathConversionWarning, eightbit_to_fp32, check_target_keys
+try: from fastai.distributed import DistributedDL  # needs accelerate, as fastai's DDP does
+except ImportError: DistributedDL = None
 
 # %% auto #0
-__all__ = []
+__all__ = ['sharded_state_dict', 'load_sharded_state_dict']
 
 # %% ../nbs/03_distributed.ipynb #d370db10
 def _broadcast_indices(self, idxs:list, rank:int) -> list:
@@ -20,4 +28,107 @@ def _broadcast_indices(self, idxs:list, rank:int) -> list:
     torch.distributed.broadcast(t, rank)
     return t.tolist()
 
-DistributedDL._broadcast = _broadcast_indices
+if DistributedDL is not None: DistributedDL._broadcast = _broadcast_indices
+
+# %% ../nbs/03_distributed.ipynb #e02a5531
+def _state_shape(p:Tensor, whole:bool) -> tuple:
+    "The shape of `p`'s state tensors: its local slice's, or the whole tensor's; with a trailing 2 for complex `p`"
+    t = p if whole else local_tensor(p)
+    return tuple(t.shape) + ((2,) if p.is_complex() else ())
+
+def _contiguous_strides(shape:tuple) -> tuple:
+    strides, n = [], 1
+    for d in reversed(shape): strides.append(n); n *= d
+    return tuple(reversed(strides))
+
+def _laid_out_like(p:Tensor, t):
+    "State `t` of sharded `p` as a `DTensor` placed as `p` is, when it is shaped like `p`'s slice; else `t` as it is"
+    if not isinstance(p, DTensor) or not isinstance(t, Tensor) or tuple(t.shape) != _state_shape(p, False): return t
+    shape = _state_shape(p, True)
+    return DTensor.from_local(t.contiguous(), p.device_mesh, p.placements, run_check=False, shape=shape,
+                              stride=_contiguous_strides(shape))
+
+def _params(opt) -> list[Tensor]: return [p for p, *_ in opt.all_params()]
+
+def sharded_state_dict(opt) -> dict:
+    """`opt`'s state for `torch.distributed.checkpoint`: nested dicts in which each sharded parameter's state is a
+    `DTensor` placed like the parameter, and 8-bit state is dequantized to fp32 (exactly)"""
+    sd, params = opt.state_dict(), _params(opt)
+    states = {}
+    for i, (p, s) in enumerate(zip(params, sd['state'])):
+        if 'state1' in s: s, _ = eightbit_to_fp32(local_tensor(p), s, opt.eightbit, i, dtype=torch.float32)
+        states[str(i)] = {k: _laid_out_like(p, v) for k, v in s.items()}
+    rest = {k: v for k, v in sd.items() if k not in ('state', 'hypers')}  # Lookahead's count, Schedule-Free's mode
+    return {**rest, 'state': states, 'hypers': {str(i): h for i, h in enumerate(sd['hypers'])},
+            'saved_by': {'path': opt.path, 'params': len(params)}}
+
+# %% ../nbs/03_distributed.ipynb #11f24214
+def _saved_entries(reader, key:str|None) -> dict:
+    "The checkpoint's metadata entries under `key`, by their names below it"
+    meta = reader.read_metadata().state_dict_metadata
+    prefix = f'{key}.' if key else ''
+    found = {fqn[len(prefix):]: m for fqn, m in meta.items() if fqn.startswith(prefix)}
+    if 'saved_by.path' not in found:
+        raise KeyError(f"the checkpoint holds no optimizer state from `sharded_state_dict` under {key!r}; its "
+                       f"top-level keys are {sorted({fqn.split('.')[0] for fqn in meta})}")
+    return found
+
+def _template_entry(name:str, meta, params:list[Tensor]):
+    "A value to load a saved entry into: a state tensor shaped like its whole parameter is laid out like it"
+    if not isinstance(meta, TensorStorageMetadata): return None  # a plain value: DCP replaces it
+    size, dtype, (kind, i, *_) = tuple(meta.size), meta.properties.dtype, name.split('.') + ['', '']
+    p = params[int(i)] if kind == 'state' and int(i) < len(params) else None
+    if p is None: return torch.zeros(size, dtype=dtype)
+    device = local_tensor(p).device
+    if size != _state_shape(p, True): return torch.zeros(size, dtype=dtype, device=device)
+    return _laid_out_like(p, torch.zeros(_state_shape(p, False), dtype=dtype, device=device))
+
+def _nested(flat:dict) -> dict:
+    "{'a.b.c': v} as {'a': {'b': {'c': v}}}"
+    out = {}
+    for name, v in flat.items():
+        *outer, last = name.split('.')
+        d = out
+        for part in outer: d = d.setdefault(part, {})
+        d[last] = v
+    return out
+
+def _as_state_dict(saved:dict) -> dict:
+    "A loaded checkpoint as `load_state_dict` takes it: per-parameter states holding local slices, and hyper list"
+    states, hypers = saved.get('state', {}), saved['hypers']
+    sd = {k: v for k, v in saved.items() if k not in ('state', 'hypers', 'saved_by')}
+    sd['state'] = [{k: local_tensor(v) for k, v in states.get(str(i), {}).items()}
+                   for i in range(saved['saved_by']['params'])]
+    sd['hypers'] = [hypers[str(i)] for i in range(len(hypers))]
+    return sd
+
+# %% ../nbs/03_distributed.ipynb #6e4c9ea7
+def _take_dequantized(opt, sd:dict) -> PathConversionWarning:
+    "State that the 8-bit path saved (as fp32) as an fp32 path's state, in each parameter's dtype; the warning to give"
+    if opt.eightbit is None: raise ValueError("the checkpoint holds 8-bit state, and this optimizer has no 8-bit path")
+    check_target_keys(opt.eightbit, opt.state_keys)
+    for p, s in zip(_params(opt), sd['state']):
+        for k in set(opt.state_keys) & set(s): s[k] = s[k].to(local_tensor(p).dtype)
+    return PathConversionWarning(f"the checkpoint holds 8-bit state (dequantized to fp32 when saved): the "
+                                 f"{opt.path!r} path takes it as its fp32 state")
+
+def _dcp_load(state_dict:dict, checkpoint_id, storage_reader):
+    "`dcp.load`, in one process when no process group is up (without torch's warning that it assumes so)"
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'torch.distributed is disabled', UserWarning)
+        dcp.load(state_dict, checkpoint_id=checkpoint_id, storage_reader=storage_reader)
+
+def load_sharded_state_dict(opt, checkpoint_id=None, key:str|None='optim', storage_reader=None):
+    """Load into `opt` the state that `sharded_state_dict` saved under `key` (`None`: the whole checkpoint) with
+    `torch.distributed.checkpoint`, on any number of processes: each rank reads its parameters' slices. A refused
+    checkpoint (`KeyError`, `ValueError`) leaves `opt` as it was"""
+    reader = storage_reader or dcp.FileSystemReader(checkpoint_id)
+    params = _params(opt)
+    template = _nested({name: _template_entry(name, m, params) for name, m in _saved_entries(reader, key).items()})
+    _dcp_load({key: template} if key else template, checkpoint_id, storage_reader)
+    sd, from_8bit = _as_state_dict(template), template['saved_by']['path'] == 'eightbit'
+    note = _take_dequantized(opt, sd) if from_8bit and opt.path != 'eightbit' else None
+    with warnings.catch_warnings():
+        if from_8bit: warnings.simplefilter('ignore', PathConversionWarning)  # the 8-bit path's own state, back
+        opt.load_state_dict(sd)
+    if note: warnings.warn(note)

@@ -17,8 +17,8 @@ from .core import TensorGroup, weight_decay_, refuse_foreign_keywords
 __all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'EIGHTBIT_OPTIMIZERS', 'STATE_CARRIED', 'QUANTIZER_SLACK',
            'FourBitKernelNotice', 'bnb_functional', 'EightBitSpec', 'EightBitArgs', 'eightbit_args', 'no_eightbit',
            'dynamic_map', 'state_buffer', 'init_eightbit_state', 'update_tensor', 'eightbit_step',
-           'PathConversionWarning', 'quantize_state', 'dequantize_state', 'quantization_bound', 'eightbit_to_fp32',
-           'fp32_to_eightbit', 'convert_states']
+           'PathConversionWarning', 'quantize_state', 'dequantize_state', 'quantization_bound', 'check_target_keys',
+           'eightbit_to_fp32', 'fp32_to_eightbit', 'convert_states']
 
 # %% ../nbs/01_eightbit.ipynb #5911b401
 class FourBitKernelNotice(logging.Filter):
@@ -229,7 +229,7 @@ def _kernel_states(spec:EightBitSpec) -> list[tuple[int, tuple]]:
         raise ValueError(f"the {spec.kernel!r} spec names no fp32 keys for its states: its checkpoints cannot convert")
     return list(enumerate(spec.fp32_keys, 1))
 
-def _check_target_keys(spec:EightBitSpec, state_keys:tuple):
+def check_target_keys(spec:EightBitSpec, state_keys:tuple):
     "Refuse when the fp32 path keeps other state than the 8-bit state holds (AMSGrad's max, RMSProp's momentum...)"
     held = {k for _, keys in _kernel_states(spec) for k in keys}
     if held != set(state_keys):
@@ -241,9 +241,9 @@ def _foreign_keys(s:dict, known:set, i:int, what:str):
     if unknown: raise ValueError(f"the saved state {unknown} of parameter {i} has no place in {what}: load the "
                                  "checkpoint on the path that saved it")
 
-def eightbit_to_fp32(p:Tensor, s:dict, spec:EightBitSpec, i:int=0) -> tuple[dict, bool]:
-    """Parameter `p`'s saved bitsandbytes state `s` as the fp32 paths' state, in `p`'s dtype; and whether it was
-    8-bit (dequantized) rather than 32-bit (renamed)"""
+def eightbit_to_fp32(p:Tensor, s:dict, spec:EightBitSpec, i:int=0, dtype:torch.dtype|None=None) -> tuple[dict, bool]:
+    """Parameter `p`'s saved bitsandbytes state `s` as the fp32 paths' state, in `dtype` (default `p`'s); and whether
+    it was 8-bit (dequantized) rather than 32-bit (renamed)"""
     _foreign_keys(s, EIGHTBIT_STATE_KEYS, i, "the fp32 paths' state")
     out, was_8bit = {k: v for k, v in s.items() if k not in EIGHTBIT_STATE_KEYS}, False
     for j, keys in _kernel_states(spec):
@@ -256,7 +256,7 @@ def eightbit_to_fp32(p:Tensor, s:dict, spec:EightBitSpec, i:int=0) -> tuple[dict
             rows = [dequantize_state(t[k].to(p.device), absmax[k], code) for k in range(len(keys))] if len(keys) > 1 \
                 else [dequantize_state(t.to(p.device), absmax, code)]
         else: rows = list(t) if len(keys) > 1 else [t]
-        for k, v in zip(keys, rows): out[k] = v.to(device=p.device, dtype=p.dtype, copy=True)
+        for k, v in zip(keys, rows): out[k] = v.to(device=p.device, dtype=dtype or p.dtype, copy=True)
     return out, was_8bit
 
 def fp32_to_eightbit(p:Tensor, s:dict, spec:EightBitSpec, args:EightBitArgs, i:int=0) -> tuple[dict, bool]:
@@ -287,7 +287,7 @@ def convert_states(opt, states:list[dict]) -> tuple[list[dict], PathConversionWa
     from .core import local_tensor  # a sharded parameter's state is its shard's
     spec, params = opt.eightbit, [local_tensor(p) for p, *_ in opt.all_params()]
     to_8bit, out, counts = opt.path == 'eightbit', [], [0, 0]
-    if not to_8bit: _check_target_keys(spec, opt.state_keys)
+    if not to_8bit: check_target_keys(spec, opt.state_keys)
     for i, (p, s) in enumerate(zip(params, states)):
         held = 'state1' in s if not to_8bit else any(k in s for _, keys in _kernel_states(spec) for k in keys)
         if not held: out.append(s); continue

@@ -2,7 +2,9 @@
 
 Under torchrun: `python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py fsdp OUT`
 steps each case 20 times with FSDP2 (gloo on the CPU) and rank 0 saves the whole parameters to OUT;
-`run_case(..., sharded=False)` is the same run in one process, on the whole batch."""
+`run_case(..., sharded=False)` is the same run in one process, on the whole batch. Mode `dcp` stops each sharded run
+halfway, saves it with `torch.distributed.checkpoint` (beside OUT), loads it into a fresh model and optimizer and
+finishes the run; `resume_case` finishes it from the checkpoint in one process."""
 import os, sys
 from functools import partial
 import torch, torch.distributed as dist
@@ -26,9 +28,9 @@ def cases() -> list[tuple[str, str]]:
     return [(n, p) for n in CASE_KWARGS for p in PATH_KW if has_path(n, p.replace('32', ''))]
 
 
-def make_model() -> nn.Sequential:
+def make_model(seed:int=0) -> nn.Sequential:
     "An MLP whose row counts (13, 7, 1) split unevenly over 2 ranks; the last layer's rows leave rank 1 empty"
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(10, 13), nn.ReLU(), nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 1))
 
 
@@ -49,23 +51,72 @@ def batches(step:int, rank:int=0, world:int=1):
     return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
 
-def run_case(name:str, path:str, sharded:bool=False, steps:int=STEPS) -> list[torch.Tensor]:
-    "`steps` steps of optimizer `name` on `path`: the whole parameters after them"
-    model = make_model()
+def shard_model(model:nn.Sequential) -> nn.Sequential:
+    "`model` sharded with FSDP2, layer by layer"
+    from torch.distributed.fsdp import fully_shard
+    for m in model:
+        if isinstance(m, nn.Linear): fully_shard(m)
+    return fully_shard(model)
+
+
+def train(model:nn.Module, opt, name:str, steps:range, sharded:bool):
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
-    if sharded:
-        from torch.distributed.fsdp import fully_shard
-        for m in model:
-            if isinstance(m, nn.Linear): fully_shard(m)
-        fully_shard(model)
-    opt = make_opt(name, path, model)
-    for step in range(steps):
+    for step in steps:
         x, y = batches(step, rank, world)
         nn.functional.mse_loss(model(x), y).backward()
         if name == 'sophia' and step % 5 == 0: opt.update_hessian()  # the gradient as the Hessian estimate
         opt.step(); opt.zero_grad()
-    if hasattr(opt, 'eval'): opt.eval()
+
+
+def whole_params(model:nn.Module, opt, sharded:bool) -> list[torch.Tensor]:
+    if hasattr(opt, 'eval'): opt.eval()  # Schedule-Free: the averaged weights
     return [p.full_tensor() if sharded else p.detach().clone() for p in model.parameters()]
+
+
+def run_case(name:str, path:str, sharded:bool=False, steps:int=STEPS) -> list[torch.Tensor]:
+    "`steps` steps of optimizer `name` on `path`: the whole parameters after them"
+    model = make_model()
+    if sharded: model = shard_model(model)
+    opt = make_opt(name, path, model)
+    train(model, opt, name, range(steps), sharded)
+    return whole_params(model, opt, sharded)
+
+
+def load_checkpoint(model:nn.Module, opt, ckpt:str):
+    "Model and optimizer from a `torch.distributed.checkpoint` directory, laid out as `model` is"
+    import torch.distributed.checkpoint as dcp
+    from fastxtend_optim.distributed import load_sharded_state_dict
+    sd = {'model': model.state_dict()}
+    dcp.load(sd, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
+    model.load_state_dict(sd['model'])
+    load_sharded_state_dict(opt, ckpt)
+
+
+def checkpoint_case(name:str, path:str, ckpt:str) -> list[torch.Tensor]:
+    "Half the sharded run, saved to `ckpt`; a fresh sharded model (other weights) and optimizer load it and finish"
+    import torch.distributed.checkpoint as dcp
+    from fastxtend_optim.distributed import sharded_state_dict
+    model = shard_model(make_model())
+    opt = make_opt(name, path, model)
+    train(model, opt, name, range(STEPS // 2), True)
+    dcp.save({'model': model.state_dict(), 'optim': sharded_state_dict(opt)}, checkpoint_id=ckpt)
+    model = shard_model(make_model(seed=1))
+    opt = make_opt(name, path, model)
+    load_checkpoint(model, opt, ckpt)
+    train(model, opt, name, range(STEPS // 2, STEPS), True)
+    return whole_params(model, opt, True)
+
+
+def resume_case(name:str, path:str, ckpt:str, load_path:str|None=None) -> list[torch.Tensor]:
+    "The second half of a sharded run, from its checkpoint, in one process (on `load_path`, by default `path`)"
+    model = make_model(seed=1)
+    opt = make_opt(name, load_path or path, model)
+    load_checkpoint(model, opt, ckpt)
+    train(model, opt, name, range(STEPS // 2, STEPS), False)
+    return whole_params(model, opt, False)
+
+
+def checkpoint_dir(out:str, name:str, path:str) -> str: return os.path.join(os.path.dirname(out), f'dcp-{name}-{path}')
 
 
 # fastai: the digits Learner through `learn.distrib_ctx()` (Accelerate's DDP), or in one process on the same batches
@@ -115,7 +166,7 @@ def fastai_case(name:str, path:str, distributed:bool) -> list[torch.Tensor]:
 def fastai_cases() -> list[tuple[str, str]]:
     return [(n, p) for n in OPTIMIZERS for p in ('native', 'foreach', 'fused', 'eightbit') if has_path(n, p)]
 
-def resume_case(path:str, out:str) -> dict:
+def learner_resume_case(path:str, out:str) -> dict:
     "Adam: 2 epochs of `fit` whole, and 1 epoch, `Learner.save` (rank 0), `load` on every rank, 1 more epoch"
     from fastxtend_optim.profiler import Profiler
     whole, spec = digits_learner_for('adam', path, True)
@@ -150,7 +201,8 @@ def main(mode:str, out:str):
     if mode == 'fsdp': results = {(n, p): guarded(run_case, n, p, True) for n, p in cases()}
     elif mode == 'fastai':
         results = {(n, p): guarded(fastai_case, n, p, True) for n, p in fastai_cases()}
-        results.update({('resume', p): guarded(resume_case, p, out) for p in ('foreach', 'fused', 'eightbit')})
+        results.update({('resume', p): guarded(learner_resume_case, p, out) for p in ('foreach', 'fused', 'eightbit')})
+    elif mode == 'dcp': results = {(n, p): guarded(checkpoint_case, n, p, checkpoint_dir(out, n, p)) for n, p in cases()}
     else: raise SystemExit(f'unknown mode {mode!r}')
     gather_to_rank0(results, out)
     dist.barrier()
