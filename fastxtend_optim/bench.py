@@ -38,9 +38,10 @@ from .profiler import markdown_table  # also patches `Learner.profile`
 # %% auto #0
 __all__ = ['PATHS', 'NO_EIGHTBIT', 'OPTIMIZERS', 'SIZES', 'MODEL_OPTS', 'ADAM_KW', 'SA_KW', 'FASTAI', 'BNB', 'OPTIMI',
            'STEP_HYPERS', 'PEERS', 'COMPILE_NOTE', 'PRECOMPILE_SHAPES', 'has_path', 'BenchError', 'fail',
-           'check_choices', 'check_positive', 'resolve_device', 'check_eightbit', 'train_runs', 'speedup_table',
-           'model_shapes', 'synthetic_params', 'fastai_lion_step', 'TorchMuonAdamW', 'step_implementations',
-           'FloorCopy', 'step_table', 'fxo_bench', 'run_bench', 'precompile_fused', 'hardware', 'model_header']
+           'check_choices', 'check_positive', 'resolve_device', 'check_eightbit', 'launched', 'per_process',
+           'warmup_batches', 'train_runs', 'speedup_table', 'model_shapes', 'synthetic_params', 'fastai_lion_step',
+           'TorchMuonAdamW', 'step_implementations', 'FloorCopy', 'step_table', 'fxo_bench', 'run_bench',
+           'precompile_fused', 'hardware', 'model_header']
 
 # %% ../nbs/42_bench.ipynb #8f60cae0
 PATHS = tuple(PATH_FUNCS)
@@ -89,8 +90,9 @@ def check_positive(**values):
         if not v > 0: raise BenchError(f'--{name} must be positive, got {v}')
 
 def resolve_device(device:str) -> torch.device:
-    "`auto` is CUDA when present; anything else must be a device this machine has"
-    if device == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    "`auto` is CUDA when present (under a launcher, this process's GPU); anything else must be a device this machine has"
+    if device == 'auto':
+        return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu')
     try: dev = torch.device(device)
     except (RuntimeError, ValueError): raise BenchError(f'unknown device {device!r}; use auto, cpu or cuda[:N]')
     if dev.type == 'cuda' and not torch.cuda.is_available(): raise BenchError(f'device {device!r}: CUDA is not available')
@@ -103,18 +105,35 @@ def check_eightbit(paths:list):
         raise BenchError("the eightbit path needs bitsandbytes: pip install 'bitsandbytes>=0.50,<0.51', or drop it from --path")
 
 # %% ../nbs/42_bench.ipynb #51f66164
-import platform, shlex
+import contextlib, platform, shlex
 import fastai
+from fastai.torch_core import num_distrib, rank_distrib
 from .models import TRAIN_MODELS, DEFAULT_MODEL, ModelUnavailable, build_model, param_count
 from .models import synthetic_dls, model_learner, batch_size, input_shape
 
 MODEL_OPTS = ['lion', 'adam', 'lars']  # the default for models other than digits: keeps the CPU default under 2 minutes
 
+def launched() -> int:
+    "How many processes a launcher (torchrun, `accelerate launch`) started: 1 without one"
+    return max(num_distrib(), 1)
+
+def per_process(batches:int) -> int:
+    "The batches each process takes of `batches` (fastai's `DistributedDL` splits them evenly, padding the last)"
+    return math.ceil(batches / launched())
+
+def warmup_batches(batches:int) -> int: return min(2, batches - 1)  # untimed: the first 2, keeping one to time
+
+def _data_parallel(learn):
+    "Under a launcher, fastai's DDP (`learn.distrib_ctx()`; on the CPU with gloo, unsynchronised BatchNorm); else nothing"
+    if launched() == 1: return contextlib.nullcontext()
+    import fastxtend_optim.distributed  # fastai's DistributedDL on the CPU
+    return learn.distrib_ctx(sync_bn=False, cpu=True) if learn.dls.device.type == 'cpu' else learn.distrib_ctx()
+
 def _profiled_fit(learn, name:str, epochs:int, warmup:int) -> dict:
     "Fit with optimizer `name`'s lr, fit method and callbacks under the profiler: mean step, its share, state, samples/s"
     spec = OPTIMIZERS[name]
     learn.profile(warmup=warmup)
-    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings(), _data_parallel(learn):
         warnings.simplefilter('ignore')
         getattr(learn, spec.get('fit', 'fit_one_cycle'))(epochs, spec['lr'], cbs=spec.get('cbs', list)())
     report = learn.profiler.report()
@@ -129,10 +148,10 @@ def train_runs(opts:list, paths:list, epochs:int=2, bs:int|None=None, device='cp
     if model == 'digits':
         dls = digits_dls(bs=bs or 64, device=device)
         if len(dls.train) == 0: raise BenchError(f'--bs {bs} is larger than the training set ({len(dls.train_ds)} samples)')
-        learner, warmup = (lambda fn: digits_learner(fn, dls)), min(2, epochs * len(dls.train) - 1)  # keep one batch
+        learner, warmup = (lambda fn: digits_learner(fn, dls)), warmup_batches(epochs * per_process(len(dls.train)))
     else:
         dls = synthetic_dls(model, steps, bs or batch_size(model, device), device, full_size)
-        learner, warmup, epochs = (lambda fn: model_learner(model, fn, dls)), min(2, steps - 1), 1
+        learner, warmup, epochs = (lambda fn: model_learner(model, fn, dls)), warmup_batches(per_process(steps)), 1
     rows, unit = [], ('state_kb', 1024) if model == 'digits' else ('state_mb', 2**20)
     for name, path in progress_bar([(o, p) for o in opts for p in paths if has_path(o, p)], leave=False):
         learn = learner(OPTIMIZERS[name]['partial'](**PATH_FUNCS[path]))
@@ -348,13 +367,22 @@ def run_bench(mode, opts, paths, epochs, bs, size, params, tensors, rounds, devi
                    **{k: v for k, v in dict(bs=bs, params=params, tensors=tensors).items() if v is not None})
     check_eightbit(paths)
     opts, paths = list(dict.fromkeys(opts)), list(dict.fromkeys(paths))  # repeated names run once
+    if mode == 'step' and launched() > 1:
+        raise BenchError(f'`step` times opt.step() in one process, and {launched()} were launched: run it without a launcher')
     dev, out = resolve_device(device), Path(out)
     if out.exists() and not out.is_dir(): raise BenchError(f'--out {str(out)!r} is a file, not a folder')
-    out.mkdir(parents=True, exist_ok=True)
-    print(f'fxo-bench {mode} on {dev} ({torch.get_num_threads()} threads), torch {torch.__version__}')
-    if mode == 'train': return _train(opts, paths, epochs, bs, dev, out, models, steps, full_size, command)
-    default_m, default_n = SIZES[size]
-    _step(opts, paths, model_shapes(params or default_m, tensors or default_n), rounds, dev, out)
+    with _rank0_reports():
+        if rank_distrib() == 0: out.mkdir(parents=True, exist_ok=True)
+        print(f'fxo-bench {mode} on {dev} ({torch.get_num_threads()} threads), torch {torch.__version__}')
+        if mode == 'train': return _train(opts, paths, epochs, bs, dev, out, models, steps, full_size, command)
+        default_m, default_n = SIZES[size]
+        _step(opts, paths, model_shapes(params or default_m, tensors or default_n), rounds, dev, out)
+
+@contextlib.contextmanager
+def _rank0_reports():
+    "Under a launcher, only rank 0 prints (and `_train` writes): the other ranks train alongside it, silently"
+    if rank_distrib() == 0: yield; return
+    with open(os.devnull, 'w') as sink, contextlib.redirect_stdout(sink): yield
 
 COMPILE_NOTE = ("compiling the fused path's kernels, one per optimizer: this is what takes the time on a first "
                 "run (about 15 s each with an empty inductor cache, 3 s with a warm one); the timed runs reuse them")
@@ -387,24 +415,31 @@ def model_header(model:str, bs, dev, epochs:int, steps:int, full_size:bool) -> s
     except ModelUnavailable as e: raise BenchError(str(e))
     n, tensors = param_count(net)
     if model == 'digits': return f'digits: {n:,} parameters in {tensors} tensors, real data, batches of {bs or 64}, {epochs} epochs'
-    shape = '×'.join(map(str, input_shape(model, dev, full_size)))
+    shape, timed = '×'.join(map(str, input_shape(model, dev, full_size))), lambda n: n - warmup_batches(n)
     return (f'{model}: {n/1e6:.2f}M parameters in {tensors} tensors ({source}), synthetic batches of '
-            f'{bs or batch_size(model, dev)} × {shape}, {steps} steps, mean of the last {steps - min(2, steps - 1)}')
+            f'{bs or batch_size(model, dev)} × {shape}, {steps} steps, mean of the last {timed(per_process(steps))}')
 
 def _train(opts, paths, epochs, bs, dev, out, models=('digits',), steps=20, full_size=False, command=None):
     heads = {m: model_header(m, bs, dev, epochs, steps, full_size) for m in models}  # refuses unavailable models first
     if 'fused' in paths: precompile_fused(opts, dev)
     versions = f'torch {torch.__version__}, fastai {fastai.__version__}'
-    text, all_runs = [f'fxo-bench train on {hardware(dev)}; {versions}\n\ncommand: `{command or "fxo-bench train"}`\n'], []
+    text, all_runs = [f'fxo-bench train on {hardware(dev)}; {versions}{_launch_note()}\n\ncommand: `{command or "fxo-bench train"}`\n'], []
+    if launched() > 1: print(_launch_note().strip('; '))
     for m in models:
         runs = train_runs(opts, paths, epochs, bs, dev, m, steps, full_size)
         table = speedup_table(runs)
         print(f'\n{heads[m]}\n' + table.to_string(float_format='%.3f') + '\n\n' + runs.to_string(index=False, float_format='%.3f'))
         text.append(f'{heads[m]}\n\n{markdown_table(table)}\n{markdown_table(runs.set_index(["optimizer"]))}')
         all_runs.append(runs.assign(model=m))
+    if rank_distrib() > 0: return
     (out / 'train.md').write_text('\n'.join(text))
     _plot_steps(pd.concat(all_runs), out / 'train.png')
     print(f'\nwrote {out / "train.md"} and {out / "train.png"}')
+
+def _launch_note() -> str:
+    n = launched()
+    return '' if n == 1 else (f'; DDP over {n} processes (`learn.distrib_ctx()`): rank 0\'s timings, the batch size '
+                              'and samples/s per process')
 
 def _step(opts, paths, shapes, rounds, dev, out):
     notes, text = [], []

@@ -123,3 +123,26 @@ def test_step_plot_legend_clears_the_bars(tmp_path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     renderer = FigureCanvasAgg(ax.figure).get_renderer()
     assert ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+
+
+def test_train_under_a_launcher_reports_rank_0_alone(tmp_path):
+    "torchrun starts 2 processes: they train under fastai's DDP, and rank 0 alone prints and writes the tables"
+    exe = shutil.which('fxo-bench')
+    assert exe, 'the fxo-bench console script is installed with the package'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--no-python', '--nproc-per-node', '2', exe,
+           'train', '--model', 'digits', '--epochs', '1', '--opt', 'lion', '--path', 'native', 'foreach']
+    env = {**os.environ, 'PYTHONWARNINGS': 'ignore', 'OMP_NUM_THREADS': '1'}
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env, start_new_session=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count('DDP over 2 processes') == 1 and res.stdout.count('ForEach speedup') == 1
+    md = (tmp_path / 'fxo-bench' / 'train.md').read_text()
+    assert "DDP over 2 processes (`learn.distrib_ctx()`): rank 0's timings" in md
+    runs = md_rows(md)['lion'][1:]
+    assert [r[0] for r in runs] == ['native', 'foreach']
+    assert all(float(r[1]) > 0.8 for r in runs)  # accuracy after one epoch of 2 processes' batches
+
+
+def test_step_under_a_launcher_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(bench.BenchError, match='`step` times opt.step\\(\\) in one process, and 2 were launched'):
+        run_in_process(tmp_path, mode='step')
