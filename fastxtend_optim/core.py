@@ -19,10 +19,11 @@ from fastcore.foundation import L
 # %% auto #0
 __all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'positive', 'unit_interval', 'closed_unit_interval',
            'boolean', 'percentile_range', 'check_hypers', 'our_keywords', 'refuse_foreign_keywords', 'TensorGroup',
-           'gather_groups', 'local_tensor', 'shard_group', 'sharded_over', 'is_sharded', 'whole_sums', 'whole_norms',
-           'stacked_norms', 'whole_norm', 'steps_runs', 'init_state', 'foreach_mul_', 'weight_decay_', 'cautious_',
-           'cautious_foreach_', 'check_cautious', 'percentile_scales', 'scale_grads', 'clip_by_percentile',
-           'foreach_chunks', 'select_path', 'check_params', 'plain_number', 'FXOptimizer', 'opt_partial']
+           'gather_groups', 'local_tensor', 'shard_group', 'sharded_over', 'is_sharded', 'whole_sums', 'whole_sums_of',
+           'whole_norms', 'stacked_norms', 'whole_norm', 'steps_runs', 'init_state', 'foreach_mul_', 'weight_decay_',
+           'cautious_', 'cautious_counts', 'apply_cautious_', 'cautious_foreach_', 'check_cautious',
+           'percentile_scales', 'scale_grads', 'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params',
+           'plain_number', 'FXOptimizer', 'opt_partial']
 
 # %% ../nbs/00_core.ipynb #85b45c8e
 def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -151,6 +152,11 @@ def whole_sums(local:Tensor) -> Tensor:
     if is_sharded(): torch.distributed.all_reduce(local, group=_SHARDED[0])
     return local
 
+def whole_sums_of(*local:Tensor) -> list[Tensor]:
+    "Several vectors of per-tensor sums over whole tensors, from one reduction (in fp32) when sharded; else as they are"
+    if not is_sharded(): return list(local)
+    return list(whole_sums(torch.cat([t.float() for t in local])).split([len(t) for t in local]))
+
 def whole_norms(norms:Tensor) -> Tensor:
     "Whole tensors' L2 norms from their slices' (fp32, any shape): one reduction when sharded, `norms` otherwise"
     return whole_sums(norms.square()).sqrt() if is_sharded() else norms
@@ -204,18 +210,26 @@ def cautious_(u:Tensor, g:Tensor) -> Tensor:
     kept, numel = whole_sums(torch.stack([mask.sum(dtype=torch.float32), torch.tensor(float(u.numel()))])).unbind()
     return u.mul_(mask.mul_(numel / (kept + 1)))
 
-def cautious_foreach_(us:list[Tensor], gs:list[Tensor]) -> list[Tensor]:
-    "`cautious_` on lists of tensors: the masks' counts come from one `_foreach_norm`"
+def cautious_counts(us:list[Tensor], gs:list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    "The 0/1 masks where `u*g > 0`, and this rank's counts: every tensor's kept elements, then its elements"
     masks = torch._foreach_mul(us, gs)
     torch._foreach_sign_(masks)
     torch._foreach_clamp_min_(masks, 0)
     kept = torch.stack(torch._foreach_norm(masks)).square_().round_()  # a 0/1 mask's count; 2-norms are the fast ones
-    numels = torch.tensor([u.numel() for u in us], dtype=kept.dtype, device=kept.device)
-    if is_sharded(): kept, numels = whole_sums(torch.cat([kept.float(), numels.float()])).split(len(us))
+    return masks, torch.cat([kept, torch.tensor([u.numel() for u in us], dtype=kept.dtype, device=kept.device)])
+
+def apply_cautious_(us:list[Tensor], masks:list[Tensor], counts:Tensor) -> list[Tensor]:
+    "Mask `us` in place and rescale each by `numel/(kept + 1)`, from `cautious_counts`' (whole) counts"
+    kept, numels = counts.split(len(us))
     scales = numels * (kept + 1).reciprocal()  # what `numel / tensor` computes in `cautious_`
     foreach_mul_(masks, list(scales.to(us[0].dtype).unbind()))
     foreach_mul_(us, masks)
     return us
+
+def cautious_foreach_(us:list[Tensor], gs:list[Tensor]) -> list[Tensor]:
+    "`cautious_` on lists of tensors: the masks' counts come from one `_foreach_norm` (and one reduction)"
+    masks, counts = cautious_counts(us, gs)
+    return apply_cautious_(us, masks, *whole_sums_of(counts))
 
 def check_cautious(cautious, eightbit):
     "`cautious` must be a bool, and cannot reach bitsandbytes' kernels, which apply their own update"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 import torch
 from torch import Tensor
-from .core import stacked_norms, whole_sums, is_sharded, local_tensor, shard_group
+from .core import whole_norms, whole_sums, is_sharded, local_tensor, shard_group
 
 # %% auto #0
 __all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'Placement', 'FusedLayout', 'uncautious', 'fused_kernel',
@@ -47,19 +47,24 @@ class FusedGroup:
         if not bool((self.grad_scales == 1).all()): grads = torch._foreach_mul(grads, list(self.grad_scales.unbind()))
         return torch._foreach_add(grads, self.params, alpha=self.l2) if self.l2 else grads
 
-    def weight_norms(self) -> Tensor:
-        "Each tensor's fp32 L2 norm after decoupled decay, as one vector"
-        return self._norms('p') * self.p_scale
+    def norms(self, *parts) -> list[Tensor]:
+        """Each tensor's fp32 L2 norm, one vector per part, of whole tensors from one reduction. A part is 'p' (the
+        weights after decoupled decay), 'g' (the gradients the update sees), or a vector of `local_norms`"""
+        local = [part if isinstance(part, Tensor) else self.local_norms(part) for part in parts]
+        whole = whole_norms(torch.cat(local)).split([len(n) for n in local])
+        return [n * self._scale(part) for part, n in zip(parts, whole)]
 
-    def grad_norms(self) -> Tensor:
-        "Each tensor's fp32 L2 norm of the gradient the update sees, as one vector"
-        if self.l2: return stacked_norms(self.effective_grads())
-        return self._norms('g') * self.grad_scales
+    def local_norms(self, part) -> Tensor:
+        "This rank's norms of the weights ('p'), the gradients ('g') or a list of tensors: from the layout's rows if any"
+        if isinstance(part, (list, tuple)): return torch.stack(torch._foreach_norm(part, 2, dtype=torch.float32))
+        if part == 'g' and self.l2: return self.local_norms(self.effective_grads())
+        if self.layout is None: return self.local_norms(self.params if part == 'p' else self.grads)
+        return self.layout.local_norms(part, self.runs)[self.members]
 
-    def _norms(self, key:str) -> Tensor:
-        "Norms of the weights ('p') or raw gradients ('g'): row by row from the layout's buffers, if there is one"
-        if self.layout is None: return stacked_norms(self.params if key == 'p' else self.grads)
-        return self.layout.norms(key, self.runs)[self.members]
+    def _scale(self, part):
+        "What a part's norms are multiplied by: decoupled decay for 'p', clipping for raw 'g'"
+        if isinstance(part, Tensor): return 1.
+        return self.p_scale if part == 'p' else self.grad_scales if part == 'g' and not self.l2 else 1.
 
 
 # %% ../nbs/02_fused.ipynb #201add37
@@ -163,14 +168,14 @@ class FusedLayout:
             else: runs.append([i, i + 1])
         return [tuple(r) for r in runs]
 
-    def norms(self, key:str, runs:list[tuple[int, int]]) -> Tensor:
-        "fp32 L2 norm of each member in buffer `key`, summed row by row over `runs` (0 for members outside them)"
+    def local_norms(self, key:str, runs:list[tuple[int, int]]) -> Tensor:
+        "fp32 L2 norm of each member's rows in buffer `key` (this rank's slice), over `runs` (0 for members outside)"
         sq = torch.zeros(len(self.params), device=self.bufs[key].device)
         for a, b in runs:
             rows = slice(self.starts[a], self.starts[b])
             row_sq = torch.linalg.vector_norm(self.bufs[key][rows], dim=1, dtype=torch.float32).square()
             sq.index_add_(0, self.block_member[rows], row_sq)
-        return whole_sums(sq).sqrt()
+        return sq.sqrt()
 
 # %% ../nbs/02_fused.ipynb #bb13eae0
 def _kernel_inputs(bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor, vector_names:tuple,

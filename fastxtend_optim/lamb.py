@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from fastai.optimizer import debias
 from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range, foreach_mul_
-from .core import stacked_norms, whole_norm, whole_norms, whole_sums
+from .core import stacked_norms, whole_norm, whole_norms
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec, compiled_or_eager
 
@@ -111,14 +111,14 @@ def _compiled_sq_rows():
     return _SQ_ROWS[0]
 
 def lamb_direction_norms(h:dict, group, debias1:Tensor, debias2:Tensor) -> Tensor:
-    "Each tensor's norm of this step's direction: the new moments formed row by row, never stored"
+    "Each tensor's norm of this step's direction on this rank (`FusedGroup.local_norms`): moments formed row by row"
     mom, sqr_mom, eps, layout = h['mom'], h['sqr_mom'], h['eps'], group.layout
     if layout is None:
         grads = group.effective_grads()
         m = torch._foreach_lerp([s['grad_avg'] for s in group.states], grads, 1 - mom)
         v = torch._foreach_addcmul(torch._foreach_mul([s['sqr_avg'] for s in group.states], sqr_mom), grads, grads,
                                    value=1 - sqr_mom)
-        return stacked_norms(lamb_foreach_directions(m, v, mom, sqr_mom, eps, [s['step'] for s in group.states]))
+        return group.local_norms(lamb_foreach_directions(m, v, mom, sqr_mom, eps, [s['step'] for s in group.states]))
     dev = layout.bufs['p'].device
     per = torch.ones(3, len(layout.params), device=dev)
     per[:, group.members] = torch.stack([group.grad_scales.float().to(dev), debias1.float().to(dev),
@@ -132,7 +132,7 @@ def lamb_direction_norms(h:dict, group, debias1:Tensor, debias2:Tensor) -> Tenso
         row_sq = compiled_or_eager(_compiled_sq_rows(), _direction_sq_rows, rows.stop - rows.start, dev, *bufs,
                                    per[:, member], consts)
         sq.index_add_(0, member, row_sq)
-    return whole_sums(sq).sqrt()[group.members]
+    return sq.sqrt()[group.members]
 
 # %% ../nbs/18_lamb.ipynb #eef862fd
 def lamb_update(p:Tensor, g:Tensor, grad_avg:Tensor, sqr_avg:Tensor, mom:Tensor, mom_c:Tensor, sqr_mom:Tensor,
@@ -146,7 +146,7 @@ def lamb_scalars(h:dict, group) -> dict:
     mom, sqr_mom = h['mom'], h['sqr_mom']
     steps = torch.tensor([s['step'] for s in group.states], dtype=torch.float64)
     debias1, debias2 = debias(mom, 1 - mom, steps), debias(sqr_mom, 1 - sqr_mom, steps)
-    q = lamb_trust(group.weight_norms(), lamb_direction_norms(h, group, debias1, debias2))
+    q = lamb_trust(*group.norms('p', lamb_direction_norms(h, group, debias1, debias2)))  # one reduction
     return dict(mom=mom, mom_c=1 - mom, sqr_mom=sqr_mom, sqr_mom_c=1 - sqr_mom, eps=h['eps'], debias1=debias1,
                 debias2=debias2, neg_lr=-h['lr'] * q)
 

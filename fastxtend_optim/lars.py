@@ -52,14 +52,14 @@ def lars_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
                       dampening:float, nesterov:bool, trust_coeff:float|None, clip:bool, eps:float, wd:float,
                       max_unorm:float, step:list[int], **kwargs):
     "LARS's update on lists of tensors"
-    p_norms, g_norms = stacked_norms(params, grads)
-    local = lars_local_lr(p_norms, g_norms, lr, trust_coeff, clip, eps, wd)
     foreach_mul_(grad_avg, mom)
     damps = [lars_damping(t, mom, dampening) for t in step]
     if all(dm == 1 for dm in damps): torch._foreach_add_(grad_avg, grads)
     else: torch._foreach_add_(grad_avg, torch._foreach_mul(grads, damps))
     d = torch._foreach_add(grads, grad_avg, alpha=mom) if nesterov else grad_avg
-    if max_unorm > 0: local = local * unorm_scale(stacked_norms(d), p_norms, max_unorm)
+    p_norms, g_norms, *d_norms = stacked_norms(params, grads, *([d] if max_unorm > 0 else []))  # one reduction
+    local = lars_local_lr(p_norms, g_norms, lr, trust_coeff, clip, eps, wd)
+    if max_unorm > 0: local = local * unorm_scale(d_norms[0], p_norms, max_unorm)
     torch._foreach_addcmul_(params, d, list((-local).unbind()))
 
 # %% ../nbs/12_lars.ipynb #3c0b32e7
@@ -89,14 +89,16 @@ def lars_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
     "LARS on bitsandbytes' momentum kernel: trust ratio, dampening, Nesterov and `max_unorm` around it"
     h, params, states = group.hyper, group.params, group.states
     mom, nesterov = h['mom'], h['nesterov']
-    p_norms, g_norms = stacked_norms(params, grads)
-    local = lars_local_lr(p_norms, g_norms, h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
     damps = [lars_damping(s['step'], mom, h['dampening']) for s in states]
-    grads = [g if dm == 1 else g * dm for g, dm in zip(grads, damps)]
+    damped = [g if dm == 1 else g * dm for g, dm in zip(grads, damps)]
+    d = []  # the update, whose norms `max_unorm` needs
     if h['max_unorm'] > 0:
-        bufs = [g if s['step'] == 1 else _buffer(s) * mom + g for g, s in zip(grads, states)]
-        d = torch._foreach_add(grads, bufs, alpha=mom) if nesterov else bufs
-        local = local * unorm_scale(stacked_norms(d), p_norms, h['max_unorm'])
+        bufs = [g if s['step'] == 1 else _buffer(s) * mom + g for g, s in zip(damped, states)]
+        d = [torch._foreach_add(damped, bufs, alpha=mom) if nesterov else bufs]
+    p_norms, g_norms, *d_norms = stacked_norms(params, grads, *d)  # one reduction
+    local = lars_local_lr(p_norms, g_norms, h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
+    if d: local = local * unorm_scale(d_norms[0], p_norms, h['max_unorm'])
+    grads = damped
     for p, g, state, lr in zip(params, grads, states, local.tolist()):
         update_tensor(spec, p.data, g, state, lr=lr * mom if nesterov else lr, wd=0., beta1=mom)
         if nesterov: p.data.add_(g, alpha=-lr)
@@ -112,15 +114,16 @@ def lars_update(p:Tensor, g:Tensor, grad_avg:Tensor, mom:Tensor, damp:Tensor, ne
 
 def lars_scalars(h:dict, group) -> dict:
     "Each tensor's learning rate from its norms (of the decayed weights and the gradients the update sees)"
-    mom, p_norms = h['mom'], group.weight_norms()
-    local = lars_local_lr(p_norms, group.grad_norms(), h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
+    mom, d = h['mom'], []  # the update, whose norms `max_unorm` needs
     damps = [lars_damping(s['step'], mom, h['dampening']) for s in group.states]
     if h['max_unorm'] > 0:
         grads = group.effective_grads()
         bufs = torch._foreach_add(torch._foreach_mul([s['grad_avg'] for s in group.states], mom),
                                   torch._foreach_mul(grads, damps))
-        d = torch._foreach_add(grads, bufs, alpha=mom) if h['nesterov'] else bufs
-        local = local * unorm_scale(stacked_norms(d), p_norms, h['max_unorm'])
+        d = [group.local_norms(torch._foreach_add(grads, bufs, alpha=mom) if h['nesterov'] else bufs)]
+    p_norms, g_norms, *d_norms = group.norms('p', 'g', *d)  # one reduction
+    local = lars_local_lr(p_norms, g_norms, h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
+    if d: local = local * unorm_scale(d_norms[0], p_norms, h['max_unorm'])
     return dict(mom=mom, damp=torch.tensor(damps), neg_local=-local, nesterov=h['nesterov'])
 
 LARS_FUSED = FusedSpec(lars_update, lars_scalars)

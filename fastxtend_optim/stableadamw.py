@@ -10,16 +10,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, boolean,
-                                  opt_partial, cautious_, cautious_foreach_, steps_runs, foreach_mul_)
-from .core import is_sharded, whole_sums
+                                  opt_partial, cautious_, steps_runs, foreach_mul_)
+from .core import is_sharded, whole_sums, whole_sums_of, cautious_counts, apply_cautious_
 from .eightbit import no_eightbit
 from .fused import FusedSpec, uncautious
 
 
 # %% auto #0
 __all__ = ['STABLEADAMW_FUSED', 'STABLEADAMW_CHECKS', 'stableadamw', 'debiased_beta', 'stable_rms', 'stableadamw_step',
-           'stable_lrs', 'decay_factors', 'stableadamw_foreach_step', 'stableadamw_sums', 'stableadamw_update',
-           'stableadamw_scalars', 'StableAdamW']
+           'stable_sums', 'stable_lrs', 'decay_factors', 'stableadamw_foreach_step', 'stableadamw_sums',
+           'stableadamw_update', 'stableadamw_scalars', 'StableAdamW']
 
 # %% ../nbs/22_stableadamw.ipynb #37bbf315
 def debiased_beta(beta:float, step:int) -> float:
@@ -51,14 +51,17 @@ def stableadamw_step(p:Tensor, grad:Tensor, grad_avg:Tensor, sqr_avg:Tensor, ste
 stableadamw_step.defaults = dict(mom=0.9, sqr_mom=0.99, eps=1e-6, wd=0.01)
 
 # %% ../nbs/22_stableadamw.ipynb #8eff9548
-def stable_lrs(grads:list[Tensor], denom:list[Tensor], lr:float, eps:float) -> list[float]:
-    "Each tensor's clipped learning rate `lr/max(1, rms)`, from `denom` = sqrt(v) and one batched 2-norm"
+def stable_sums(grads:list[Tensor], denom:list[Tensor], eps:float) -> Tensor:
+    "This rank's sums of g²/max(v, eps²) per tensor, then its element counts, from `denom` = sqrt(v) and one 2-norm"
     ratio = torch._foreach_clamp_min(denom, max(eps, _TINY ** 0.5))  # sqrt(max(v, eps²))
     torch._foreach_reciprocal_(ratio)
     foreach_mul_(ratio, grads)                                 # g/sqrt(max(v, eps²))
     sq = torch.stack(torch._foreach_norm(ratio)).square()
-    numel = torch.tensor([g.numel() for g in grads], dtype=sq.dtype, device=sq.device)
-    if is_sharded(): sq, numel = whole_sums(torch.cat([sq.float(), numel.float()])).split(len(grads))
+    return torch.cat([sq, torch.tensor([g.numel() for g in grads], dtype=sq.dtype, device=sq.device)])
+
+def stable_lrs(sums:Tensor, lr:float) -> list[float]:
+    "Each tensor's clipped learning rate `lr/max(1, rms)`, from `stable_sums` (of whole tensors)"
+    sq, numel = sums.split(len(sums) // 2)
     return [lr / max(1., r) for r in (sq / numel).sqrt().tolist()]
 
 def decay_factors(factors:list[float], like:Tensor) -> list:
@@ -77,12 +80,17 @@ def stableadamw_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:l
         foreach_mul_(pick(sqr_avg), b2)
         torch._foreach_addcmul_(pick(sqr_avg), pick(grads), pick(grads), value=1 - b2)
     denom = torch._foreach_sqrt(sqr_avg)
-    lrs = stable_lrs(grads, denom, lr, eps)
-    if wd: foreach_mul_(params, decay_factors([1 - l * wd for l in lrs], params[0]))
+    sums = stable_sums(grads, denom, eps)
     torch._foreach_add_(denom, eps)
+    if cautious:
+        u = torch._foreach_div(grad_avg, denom)
+        masks, counts = cautious_counts(u, grads)
+        sums, counts = whole_sums_of(sums, counts)  # the RMS and the cautious counts from one reduction
+    else: sums, = whole_sums_of(sums)
+    lrs = stable_lrs(sums, lr)
+    if wd: foreach_mul_(params, decay_factors([1 - l * wd for l in lrs], params[0]))
     if not cautious: return torch._foreach_addcdiv_(params, grad_avg, denom, [-l for l in lrs])
-    u = cautious_foreach_(torch._foreach_div(grad_avg, denom), grads)
-    foreach_mul_(u, [-l for l in lrs])
+    foreach_mul_(apply_cautious_(u, masks, counts), [-l for l in lrs])
     torch._foreach_add_(params, u)
 
 # %% ../nbs/22_stableadamw.ipynb #54533866

@@ -34,8 +34,8 @@ def make_model(seed:int=0) -> nn.Sequential:
     return nn.Sequential(nn.Linear(10, 13), nn.ReLU(), nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 1))
 
 
-def make_opt(name:str, path:str, model:nn.Module, lr_scale:float=1.):
-    spec, kw = OPTIMIZERS[name], dict(CASE_KWARGS[name], **PATH_KW[path])
+def make_opt(name:str, path:str, model:nn.Module, lr_scale:float=1., **extra):
+    spec, kw = OPTIMIZERS[name], dict(CASE_KWARGS[name], **PATH_KW[path], **extra)
     if kw.get('eightbit'): kw.pop('cautious', None)  # bitsandbytes' kernels cannot mask
     layers = [m for m in model if isinstance(m, nn.Linear)]
     groups = [[p for m in layers[:-1] for p in m.parameters()], list(layers[-1].parameters())]
@@ -73,13 +73,36 @@ def whole_params(model:nn.Module, opt, sharded:bool) -> list[torch.Tensor]:
     return [p.full_tensor() if sharded else p.detach().clone() for p in model.parameters()]
 
 
-def run_case(name:str, path:str, sharded:bool=False, steps:int=STEPS) -> list[torch.Tensor]:
-    "`steps` steps of optimizer `name` on `path`: the whole parameters after them"
+def run_case(name:str, path:str, sharded:bool=False, steps:int=STEPS, **extra) -> list[torch.Tensor]:
+    "`steps` steps of optimizer `name` on `path` (with `extra` options): the whole parameters after them"
     model = make_model()
     if sharded: model = shard_model(model)
-    opt = make_opt(name, path, model)
+    opt = make_opt(name, path, model, **extra)
     train(model, opt, name, range(steps), sharded)
     return whole_params(model, opt, sharded)
+
+
+# options that take a second whole-tensor quantity: it must share the first one's reduction
+REDUCTION_CASES = [('lars', p, dict(max_unorm=0.5, nesterov=True)) for p in ('native', 'foreach', 'fused', 'eightbit32')] + \
+                  [('stableadamw', p, dict(cautious=True)) for p in ('native', 'foreach', 'fused')]
+
+def all_reduces_per_step(name:str, path:str, **extra) -> tuple[int, int]:
+    "The all-reduces one sharded `opt.step()` makes (after 2 steps), and the tensor groups it steps"
+    from fastxtend_optim.core import gather_groups
+    model = shard_model(make_model())
+    opt = make_opt(name, path, model, **extra)
+    train(model, opt, name, range(2), True)
+    x, y = batches(2, dist.get_rank(), dist.get_world_size())
+    nn.functional.mse_loss(model(x), y).backward()
+    if name == 'sophia': opt.update_hessian()
+    groups, calls, real = len(gather_groups(getattr(opt, 'opt', opt))), [], dist.all_reduce
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    dist.all_reduce = counted
+    try: opt.step()
+    finally: dist.all_reduce = real
+    return len(calls), groups
 
 
 def load_checkpoint(model:nn.Module, opt, ckpt:str):
@@ -192,13 +215,18 @@ def gather_to_rank0(results:dict, out:str):
     dist.all_gather_object(everyone, results)
     if dist.get_rank() == 0: torch.save(everyone, out)
 
-def guarded(fn, *args):
-    try: return fn(*args)
+def guarded(fn, *args, **kwargs):
+    try: return fn(*args, **kwargs)
     except Exception as e: return f'{type(e).__name__}: {e}'
 
 def main(mode:str, out:str):
     dist.init_process_group('gloo')
-    if mode == 'fsdp': results = {(n, p): guarded(run_case, n, p, True) for n, p in cases()}
+    if mode == 'fsdp':
+        results = {(n, p): guarded(run_case, n, p, True) for n, p in cases()}
+        results.update({('all_reduces', n, p): guarded(all_reduces_per_step, n, p) for n, p in cases()})
+        for n, p, kw in REDUCTION_CASES:
+            results['all_reduces', n, p, *kw] = guarded(all_reduces_per_step, n, p, **kw)
+            results['options', n, p, *kw] = guarded(run_case, n, p, True, **kw)
     elif mode == 'fastai':
         results = {(n, p): guarded(fastai_case, n, p, True) for n, p in fastai_cases()}
         results.update({('resume', p): guarded(learner_resume_case, p, out) for p in ('foreach', 'fused', 'eightbit')})

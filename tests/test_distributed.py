@@ -52,6 +52,24 @@ def test_fsdp2_matches_one_process(fsdp, name, path):
     assert maxdiff(got, w.run_case(name, path)) <= FSDP_ATOL
 
 
+@pytest.mark.parametrize('name,path,options', w.REDUCTION_CASES)
+def test_fsdp2_second_whole_tensor_quantities_match_one_process(fsdp, name, path, options):
+    "LARS's update norm (`max_unorm`) and cautious StableAdamW's counts share the first quantity's reduction, exactly"
+    got = fsdp['options', name, path, *options]
+    assert not isinstance(got, str), got
+    assert maxdiff(got, w.run_case(name, path, **options)) <= FSDP_ATOL
+
+
+@pytest.mark.parametrize('name,path,options', [(n, p, {}) for n, p in w.cases()] + w.REDUCTION_CASES)
+def test_one_all_reduce_per_group_and_step(fsdp, name, path, options):
+    """A sharded step reduces every whole-tensor quantity of a tensor group in one all-reduce: ForEach, fused and 8-bit
+    make one per group (the MLP has 4: two param groups, split by `do_wd`) or none; the native path steps one tensor at
+    a time, one reduction per quantity and tensor (at most 3: LARS's weight, gradient and update norms; 6 tensors)"""
+    calls, groups = fsdp['all_reduces', name, path, *options]
+    if path == 'native': assert calls <= 3 * 6
+    else: assert calls in (0, groups) and groups == 4
+
+
 @pytest.mark.parametrize('name', [n for n, p in w.cases() if p == 'eightbit'])
 def test_fsdp2_eightbit_within_quantization(fsdp, name):
     """8-bit state quantizes each rank's slice in its own 256-element blocks, so sharding moves block boundaries: the
