@@ -17,14 +17,14 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.losses import BaseLoss, LabelSmoothingCrossEntropy
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  gather_groups, init_state, positive, foreach_mul_)
+                                  gather_groups, init_state, positive, foreach_mul_, local_tensor, shard_group)
 from .eightbit import no_eightbit
 from .fused import FusedSpec
 
 # %% auto #0
 __all__ = ['SOPHIA_FUSED', 'SOPHIA_CHECKS', 'sophia', 'sophia_step', 'sophia_hessian_step', 'sophia_foreach_step',
            'sophia_hessian_foreach_step', 'sophia_update', 'sophia_scalars', 'SophiaOptimizer', 'Sophia',
-           'gnb_class_axis', 'kept_buffers', 'gnb_loss', 'SophiaCallback']
+           'gnb_class_axis', 'kept_buffers', 'gnb_loss', 'all_finite', 'SophiaCallback']
 
 # %% ../nbs/24_sophia.ipynb #0998cdf7
 def sophia_step(p:Tensor, grad:Tensor, lr:float, mom:float, rho:float, eps:float, grad_avg:Tensor, hessian:Tensor,
@@ -128,6 +128,16 @@ def gnb_loss(pred:Tensor, axis:int, generator:torch.Generator|None=None) -> tupl
     return F.cross_entropy(logits, y), y.numel()
 
 # %% ../nbs/24_sophia.ipynb #68df8116
+def all_finite(grads:list[Tensor], params:list[Tensor]) -> bool:
+    """Whether every gradient is finite; on every rank alike where FSDP2 shards them, since a slice holding an inf
+    is one rank's (one `all_reduce` of the flag over the ranks that hold the slices)"""
+    finite = all(n.isfinite() for n in torch._foreach_norm([local_tensor(g) for g in grads]))
+    groups = list(dict.fromkeys(g for g in map(shard_group, params) if g is not None))  # in the same order everywhere
+    if not groups: return finite
+    flag = torch.tensor([0. if finite else 1.], device=local_tensor(grads[0]).device)
+    for g in groups: torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=g)
+    return flag.item() == 0
+
 class SophiaCallback(Callback):
     "Refresh Sophia's Hessian with a Gauss-Newton-Bartlett estimate on the current batch after every `k` steps"
     order, run_valid = MixedPrecision.order + 1, False
@@ -162,7 +172,7 @@ class SophiaCallback(Callback):
             loss, n = gnb_loss(self._forward(learn), self.axis, self.generator)
             (loss * scale).backward()
         grads = [p.grad for p, *_ in opt.all_params(with_grad=True)]
-        if scale != 1 and not all(n_.isfinite() for n_ in torch._foreach_norm(grads)): self.skipped += 1
+        if scale != 1 and not all_finite(grads, [p for p, *_ in opt.all_params(with_grad=True)]): self.skipped += 1
         else:
             foreach_mul_(grads, math.sqrt(n) / scale)
             opt.update_hessian()

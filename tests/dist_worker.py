@@ -105,6 +105,20 @@ def all_reduces_per_step(name:str, path:str, **extra) -> tuple[int, int]:
     return len(calls), groups
 
 
+def finite_flags() -> list[bool]:
+    "Sophia's `all_finite` on sharded gradients: as they are, then with an inf in rank 1's slice alone"
+    from fastxtend_optim.core import local_tensor
+    from fastxtend_optim.sophia import all_finite
+    model = shard_model(make_model())
+    x, y = batches(0, dist.get_rank(), dist.get_world_size())
+    nn.functional.mse_loss(model(x), y).backward()
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    clean = all_finite(grads, params)
+    if dist.get_rank() == 1: local_tensor(grads[0]).view(-1)[0] = float('inf')
+    return [clean, all_finite(grads, params)]
+
+
 def load_checkpoint(model:nn.Module, opt, ckpt:str):
     "Model and optimizer from a `torch.distributed.checkpoint` directory, laid out as `model` is"
     import torch.distributed.checkpoint as dcp
@@ -224,6 +238,7 @@ def main(mode:str, out:str):
     if mode == 'fsdp':
         results = {(n, p): guarded(run_case, n, p, True) for n, p in cases()}
         results.update({('all_reduces', n, p): guarded(all_reduces_per_step, n, p) for n, p in cases()})
+        results['finite'] = guarded(finite_flags)
         for n, p, kw in REDUCTION_CASES:
             results['all_reduces', n, p, *kw] = guarded(all_reduces_per_step, n, p, **kw)
             results['options', n, p, *kw] = guarded(run_case, n, p, True, **kw)

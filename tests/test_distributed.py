@@ -70,6 +70,11 @@ def test_one_all_reduce_per_group_and_step(fsdp, name, path, options):
     else: assert calls in (0, groups) and groups == 4
 
 
+def test_sophia_finite_check_agrees_across_ranks(fsdp):
+    "An inf in one rank's gradient slice makes `SophiaCallback` skip the refresh on every rank, not on that one alone"
+    assert fsdp['finite'] == [True, False]  # rank 0's view; the inf sits in rank 1's slice
+
+
 @pytest.mark.parametrize('name', [n for n, p in w.cases() if p == 'eightbit'])
 def test_fsdp2_eightbit_within_quantization(fsdp, name):
     """8-bit state quantizes each rank's slice in its own 256-element blocks, so sharding moves block boundaries: the
