@@ -11,14 +11,15 @@ from functools import partial
 import torch
 from torch import nn, Tensor
 from .core import (FXOptimizer, TensorGroup, select_path, unit_interval, non_negative, percentile_range,
-                                  boolean, opt_partial, init_state, scale_grads, refuse_foreign_keywords, positive)
+                                  boolean, opt_partial, init_state, scale_grads, refuse_foreign_keywords, positive,
+                                  shard_group)
 from .adam import adam_step, adam_foreach_step, ADAM_FUSED
 from .eightbit import no_eightbit
 
 # %% auto #0
 __all__ = ['NS_COEFFS', 'MUON_STATE', 'ADAMW_STATE', 'MUON_CHECKS', 'muon', 'newton_schulz', 'muon_lr_scale', 'gather_whole',
-           'local_slice', 'muon_step', 'shape_runs', 'stack_bf16', 'muon_foreach_step', 'uses_muon', 'muon_flag',
-           'muon_splitter', 'ns_steps_range', 'adamw_hypers', 'MuonOptimizer', 'dict_groups', 'Muon']
+           'gather_wholes', 'local_slice', 'muon_step', 'shape_runs', 'stack_bf16', 'muon_foreach_step', 'uses_muon',
+           'muon_flag', 'muon_splitter', 'ns_steps_range', 'adamw_hypers', 'MuonOptimizer', 'dict_groups', 'Muon']
 
 # %% ../nbs/25_muon.ipynb #b63e7caf
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # torch's Muon (Keller Jordan's quintic)
@@ -46,6 +47,28 @@ def gather_whole(t:Tensor, owner:Tensor) -> Tensor:
     from torch.distributed.tensor import DTensor
     return DTensor.from_local(t, owner.device_mesh, owner.placements, run_check=False, shape=owner.shape,
                               stride=owner.stride()).full_tensor()
+
+def _row_sharded(owner:Tensor) -> bool:
+    "Whether `DTensor` `owner` is split by rows over one mesh dimension (FSDP2's default), and replicated elsewhere"
+    return [pl.dim for pl in owner.placements if pl.is_shard()] == [0]
+
+def gather_wholes(ts:list[Tensor], owners:list[Tensor]) -> list[Tensor]:
+    """The whole tensors of local slices `ts`, as `gather_whole` gives them, from one all-gather for all of them when
+    every owner is split by rows over one process group (else one per tensor). Each rank sends its slices padded to
+    `torch.chunk`'s row count, so the ranks' blocks line up and only the last rows of the last slices are padding"""
+    groups = {shard_group(o) for o in owners}
+    if len(groups) != 1 or not all(map(_row_sharded, owners)): return [gather_whole(t, o) for t, o in zip(ts, owners)]
+    group = groups.pop()
+    world = torch.distributed.get_world_size(group)
+    rows = [-(-o.shape[0] // world) for o in owners]                 # each rank's rows, padded
+    sizes = [r * math.prod(o.shape[1:]) for r, o in zip(rows, owners)]
+    send = ts[0].new_zeros(sum(sizes))
+    for t, piece in zip(ts, send.split(sizes)): piece[:t.numel()] = t.reshape(-1)
+    recv = send.new_empty(world * len(send))
+    torch.distributed.all_gather_into_tensor(recv, send, group=group)
+    blocks = [list(b.split(sizes)) for b in recv.view(world, -1)]  # per rank, each tensor's padded slice
+    return [torch.cat([b[i].view(r, *o.shape[1:]) for b in blocks])[:o.shape[0]]
+            for i, (r, o) in enumerate(zip(rows, owners))]
 
 def local_slice(whole:Tensor, owner:Tensor) -> Tensor:
     "This rank's slice of `whole`, as `DTensor` `owner` shards it (`torch.chunk`'s split along each sharded dim)"
@@ -87,7 +110,7 @@ def muon_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
     "Muon's update on lists of matrices, Newton–Schulz batched over the matrices of each shape; `owners`: see `muon_step`"
     torch._foreach_lerp_(grad_avg, grads, 1 - mom)
     us = torch._foreach_lerp(grads, grad_avg, mom) if nesterov else grad_avg
-    wholes = us if owners is None else [gather_whole(u, o) for u, o in zip(us, owners)]
+    wholes = us if owners is None else gather_wholes(us, owners)
     for shape, idx in shape_runs(wholes).items():
         pick = lambda xs: [xs[i] for i in idx]
         orth = list(newton_schulz(stack_bf16(pick(wholes)), ns_steps, eps).unbind())

@@ -25,7 +25,8 @@ def stepper(name:str, path:str, net:nn.Module, sharded:bool):
         from torch.distributed.fsdp import fully_shard
         for m in net: fully_shard(m)
         fully_shard(net)
-    opt = OPTIMIZERS[name]['partial'](**PATH_FUNCS[path])(list(net.parameters()), lr=1e-4)
+    params = list(net.parameters())
+    opt = OPTIMIZERS[name]['partial'](**PATH_FUNCS[path])([params[:-2], params[-2:]], lr=1e-4)  # body, head
     net(torch.randn(8, net[0].in_features)).square().mean().backward()
     return opt
 
