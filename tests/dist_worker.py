@@ -144,6 +144,26 @@ def checkpoint_case(name:str, path:str, ckpt:str) -> list[torch.Tensor]:
     return whole_params(model, opt, True)
 
 
+UPSHARD_CASES = [('adam', 'foreach'), ('adam', 'eightbit'), ('lars', 'fused'), ('ranger', 'native'), ('muon', 'foreach'),
+                 ('schedulefree_adamw', 'fused')]
+
+def upshard_case(name:str, path:str, ckpt:str) -> list[torch.Tensor]:
+    "Half the run in one process (rank 0, whole batches, saved without collectives), the rest sharded on every rank"
+    import torch.distributed.checkpoint as dcp
+    from fastxtend_optim.distributed import sharded_state_dict
+    if dist.get_rank() == 0:
+        model = make_model()
+        opt = make_opt(name, path, model)
+        train(model, opt, name, range(STEPS // 2), False)
+        dcp.save({'model': model.state_dict(), 'optim': sharded_state_dict(opt)}, checkpoint_id=ckpt, no_dist=True)
+    dist.barrier()
+    model = shard_model(make_model(seed=1))
+    opt = make_opt(name, path, model)
+    load_checkpoint(model, opt, ckpt)
+    train(model, opt, name, range(STEPS // 2, STEPS), True)
+    return whole_params(model, opt, True)
+
+
 def resume_case(name:str, path:str, ckpt:str, load_path:str|None=None) -> list[torch.Tensor]:
     "The second half of a sharded run, from its checkpoint, in one process (on `load_path`, by default `path`)"
     model = make_model(seed=1)
@@ -245,7 +265,10 @@ def main(mode:str, out:str):
     elif mode == 'fastai':
         results = {(n, p): guarded(fastai_case, n, p, True) for n, p in fastai_cases()}
         results.update({('resume', p): guarded(learner_resume_case, p, out) for p in ('foreach', 'fused', 'eightbit')})
-    elif mode == 'dcp': results = {(n, p): guarded(checkpoint_case, n, p, checkpoint_dir(out, n, p)) for n, p in cases()}
+    elif mode == 'dcp':
+        results = {(n, p): guarded(checkpoint_case, n, p, checkpoint_dir(out, n, p)) for n, p in cases()}
+        results.update({('upshard', n, p): guarded(upshard_case, n, p, checkpoint_dir(out, f'one-{n}', p))
+                        for n, p in UPSHARD_CASES})
     else: raise SystemExit(f'unknown mode {mode!r}')
     gather_to_rank0(results, out)
     dist.barrier()

@@ -160,6 +160,17 @@ def test_sharded_eightbit_checkpoint_reloads_on_one_process(checkpoints, name):
     assert maxdiff(got, w.run_case(name, 'native')) <= eightbit_bound(name)
 
 
+@pytest.mark.parametrize('name,path', w.UPSHARD_CASES)
+def test_one_process_checkpoint_reloads_sharded(checkpoints, name, path):
+    """A checkpoint saved by one process (10 steps on whole batches) loads sharded on 2 ranks, which finish the run:
+    within FSDP_ATOL of the 20-step one-process run, or for 8-bit state (quantized again in each rank's blocks) within
+    `eightbit_bound` of the fp32 run"""
+    got = checkpoints[0]['upshard', name, path]
+    assert not isinstance(got, str), got
+    if path == 'eightbit': assert maxdiff(got, w.run_case(name, 'native')) <= eightbit_bound(name)
+    else: assert maxdiff(got, w.run_case(name, path)) <= FSDP_ATOL
+
+
 @pytest.mark.parametrize('saved,loaded', [('eightbit', 'foreach'), ('foreach', 'eightbit')])
 def test_sharded_checkpoint_changes_path_with_one_warning(checkpoints, saved, loaded):
     """Adam's 2-rank checkpoint loads in one process on the other side of the 8-bit/fp32 divide with one warning; the
