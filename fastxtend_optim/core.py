@@ -157,19 +157,19 @@ def whole_sums_of(*local:Tensor) -> list[Tensor]:
     if not is_sharded(): return list(local)
     return list(whole_sums(torch.cat([t.float() for t in local])).split([len(t) for t in local]))
 
-def whole_norms(norms:Tensor) -> Tensor:
-    "Whole tensors' L2 norms from their slices' (fp32, any shape): one reduction when sharded, `norms` otherwise"
-    return whole_sums(norms.square()).sqrt() if is_sharded() else norms
+def whole_norms(*local:Tensor) -> list[Tensor]:
+    "Whole tensors' L2 norms from vectors of their slices' fp32 norms: one reduction for all when sharded; else as they are"
+    if not is_sharded(): return list(local)
+    return [sq.sqrt() for sq in whole_sums_of(*(n.square() for n in local))]
 
 def stacked_norms(*lists:list[Tensor]) -> Tensor|list[Tensor]:
     "The fp32 L2 norm of each tensor, one vector per list (a vector for one list), of whole tensors when sharded"
-    norms = [torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)) for ts in lists]
-    if len(lists) == 1: return whole_norms(norms[0])
-    return list(whole_norms(torch.cat(norms)).split([len(ts) for ts in lists]))
+    norms = whole_norms(*(torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)) for ts in lists))
+    return norms[0] if len(lists) == 1 else norms
 
 def whole_norm(t:Tensor) -> float:
     "One tensor's fp32 L2 norm as a number (the native path), over the whole tensor when sharded"
-    return whole_norms(torch.linalg.vector_norm(t, dtype=torch.float32)).item()
+    return whole_norms(torch.linalg.vector_norm(t, dtype=torch.float32).reshape(1))[0].item()
 
 # %% ../nbs/00_core.ipynb #4b00b0b8
 def steps_runs(step:list[int]) -> dict[int, list[int]]:
@@ -269,9 +269,11 @@ def clip_by_percentile(grads:list[Tensor], states:list[dict], percentile:float=1
 FOREACH_CPU_CHUNK = 2**19
 
 def foreach_chunks(params:list[Tensor], limit:int|None=None) -> list[list[int]]:
-    "Indices of `params` in consecutive chunks of at most `limit` (`FOREACH_CPU_CHUNK`) elements on the CPU"
+    """Indices of `params` in consecutive chunks of at most `limit` (`FOREACH_CPU_CHUNK`) elements on the CPU; one chunk
+    while a sharded group steps, since each chunk's whole-tensor sums are collectives that every rank must make alike,
+    and uneven slices would chunk differently on each rank"""
     limit = limit or FOREACH_CPU_CHUNK
-    if not params or params[0].device.type != 'cpu': return [list(range(len(params)))]
+    if not params or params[0].device.type != 'cpu' or is_sharded(): return [list(range(len(params)))]
     chunks, size = [[]], 0
     for i, p in enumerate(params):
         if chunks[-1] and size + p.numel() > limit: chunks.append([]); size = 0

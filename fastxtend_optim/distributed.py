@@ -18,7 +18,7 @@ try: from fastai.distributed import DistributedDL  # needs accelerate, as fastai
 except ImportError: DistributedDL = None
 
 # %% auto #0
-__all__ = ['sharded_state_dict', 'load_sharded_state_dict']
+__all__ = ['elementwise_keys', 'sharded_state_dict', 'load_sharded_state_dict']
 
 # %% ../nbs/03_distributed.ipynb #d370db10
 def _broadcast_indices(self, idxs:list, rank:int) -> list:
@@ -31,36 +31,40 @@ def _broadcast_indices(self, idxs:list, rank:int) -> list:
 if DistributedDL is not None: DistributedDL._broadcast = _broadcast_indices
 
 # %% ../nbs/03_distributed.ipynb #e02a5531
-def _state_shape(p:Tensor, whole:bool) -> tuple:
-    "The shape of `p`'s state tensors: its local slice's, or the whole tensor's; with a trailing 2 for complex `p`"
-    t = p if whole else local_tensor(p)
-    return tuple(t.shape) + ((2,) if p.is_complex() else ())
-
 def _contiguous_strides(shape:tuple) -> tuple:
     strides, n = [], 1
     for d in reversed(shape): strides.append(n); n *= d
     return tuple(reversed(strides))
 
-def _laid_out_like(p:Tensor, t):
-    "State `t` of sharded `p` as a `DTensor` placed as `p` is, when it is shaped like `p`'s slice; else `t` as it is"
-    if not isinstance(p, DTensor) or not isinstance(t, Tensor) or tuple(t.shape) != _state_shape(p, False): return t
-    shape = _state_shape(p, True)
+def elementwise_keys(opt) -> set[str]:
+    "The state keys that hold a value per element of their parameter (any path's), laid out like it when sharded"
+    spec = opt.eightbit
+    return set(opt.state_keys) | {k for keys in (spec.fp32_keys if spec else ()) for k in keys} | {'slow_p'}
+
+def _laid_out_like(p:Tensor, t:Tensor) -> Tensor:
+    "Per-element state `t` of sharded `p`'s slice (a trailing 2 for complex views) as a `DTensor` placed as `p` is"
+    local = local_tensor(p)
+    if not isinstance(p, DTensor): return t
+    if tuple(t.shape[:local.ndim]) != tuple(local.shape):
+        raise ValueError(f"state of shape {tuple(t.shape)} does not fit its parameter's slice {tuple(local.shape)}")
+    shape = tuple(p.shape) + tuple(t.shape[local.ndim:])
     return DTensor.from_local(t.contiguous(), p.device_mesh, p.placements, run_check=False, shape=shape,
                               stride=_contiguous_strides(shape))
 
 def _params(opt) -> list[Tensor]: return [p for p, *_ in opt.all_params()]
 
 def sharded_state_dict(opt) -> dict:
-    """`opt`'s state for `torch.distributed.checkpoint`: nested dicts in which each sharded parameter's state is a
-    `DTensor` placed like the parameter, and 8-bit state is dequantized to fp32 (exactly)"""
-    sd, params = opt.state_dict(), _params(opt)
+    """`opt`'s state for `torch.distributed.checkpoint`: nested dicts in which each sharded parameter's per-element
+    state is a `DTensor` placed like the parameter, and 8-bit state is dequantized to fp32 (exactly)"""
+    sd, params, keys = opt.state_dict(), _params(opt), elementwise_keys(opt)
     states = {}
     for i, (p, s) in enumerate(zip(params, sd['state'])):
         if 'state1' in s: s, _ = eightbit_to_fp32(local_tensor(p), s, opt.eightbit, i, dtype=torch.float32)
-        states[str(i)] = {k: _laid_out_like(p, v) for k, v in s.items()}
+        states[str(i)] = {k: _laid_out_like(p, v) if k in keys and isinstance(v, Tensor) else v for k, v in s.items()}
     rest = {k: v for k, v in sd.items() if k not in ('state', 'hypers')}  # Lookahead's count, Schedule-Free's mode
-    return {**rest, 'state': states, 'hypers': {str(i): h for i, h in enumerate(sd['hypers'])},
-            'saved_by': {'path': opt.path, 'params': len(params)}}
+    args = opt.eightbit_args if opt.path == 'eightbit' else None
+    saved_by = dict(path=opt.path, params=len(params), quantizer=[args.optim_bits, args.min_8bit_size] if args else [])
+    return {**rest, 'state': states, 'hypers': {str(i): h for i, h in enumerate(sd['hypers'])}, 'saved_by': saved_by}
 
 # %% ../nbs/03_distributed.ipynb #11f24214
 def _saved_entries(reader, key:str|None) -> dict:
@@ -73,15 +77,16 @@ def _saved_entries(reader, key:str|None) -> dict:
                        f"top-level keys are {sorted({fqn.split('.')[0] for fqn in meta})}")
     return found
 
-def _template_entry(name:str, meta, params:list[Tensor]):
-    "A value to load a saved entry into: a state tensor shaped like its whole parameter is laid out like it"
+def _template_entry(name:str, meta, params:list[Tensor], keys:set[str]):
+    "A value to load a saved entry into: per-element state of a sharded parameter is laid out like it"
     if not isinstance(meta, TensorStorageMetadata): return None  # a plain value: DCP replaces it
-    size, dtype, (kind, i, *_) = tuple(meta.size), meta.properties.dtype, name.split('.') + ['', '']
+    size, dtype, (kind, i, key, *_) = tuple(meta.size), meta.properties.dtype, name.split('.') + ['', '', '']
     p = params[int(i)] if kind == 'state' and int(i) < len(params) else None
     if p is None: return torch.zeros(size, dtype=dtype)
-    device = local_tensor(p).device
-    if size != _state_shape(p, True): return torch.zeros(size, dtype=dtype, device=device)
-    return _laid_out_like(p, torch.zeros(_state_shape(p, False), dtype=dtype, device=device))
+    local = local_tensor(p)
+    if key not in keys or not isinstance(p, DTensor) or size[:p.ndim] != tuple(p.shape):
+        return torch.zeros(size, dtype=dtype, device=local.device)
+    return _laid_out_like(p, torch.zeros(tuple(local.shape) + size[p.ndim:], dtype=dtype, device=local.device))
 
 def _nested(flat:dict) -> dict:
     "{'a.b.c': v} as {'a': {'b': {'c': v}}}"
@@ -109,8 +114,10 @@ def _take_dequantized(opt, sd:dict) -> PathConversionWarning:
     check_target_keys(opt.eightbit, opt.state_keys)
     for p, s in zip(_params(opt), sd['state']):
         for k in set(opt.state_keys) & set(s): s[k] = s[k].to(local_tensor(p).dtype)
-    return PathConversionWarning(f"the checkpoint holds 8-bit state (dequantized to fp32 when saved): the "
-                                 f"{opt.path!r} path takes it as its fp32 state")
+    return PathConversionWarning(f"the checkpoint holds state saved on the 8-bit path (bitsandbytes' state, stored as "
+                                 f"fp32): the {opt.path!r} path takes it as its fp32 state")
+
+def _quantizer(opt) -> list: return [opt.eightbit_args.optim_bits, opt.eightbit_args.min_8bit_size]
 
 def _dcp_load(state_dict:dict, checkpoint_id, storage_reader):
     "`dcp.load`, in one process when no process group is up (without torch's warning that it assumes so)"
@@ -124,11 +131,14 @@ def load_sharded_state_dict(opt, checkpoint_id=None, key:str|None='optim', stora
     checkpoint (`KeyError`, `ValueError`) leaves `opt` as it was"""
     reader = storage_reader or dcp.FileSystemReader(checkpoint_id)
     params = _params(opt)
-    template = _nested({name: _template_entry(name, m, params) for name, m in _saved_entries(reader, key).items()})
+    keys = elementwise_keys(opt)
+    template = _nested({name: _template_entry(name, m, params, keys) for name, m in _saved_entries(reader, key).items()})
     _dcp_load({key: template} if key else template, checkpoint_id, storage_reader)
-    sd, from_8bit = _as_state_dict(template), template['saved_by']['path'] == 'eightbit'
+    saved_by, sd = template['saved_by'], _as_state_dict(template)
+    from_8bit = saved_by['path'] == 'eightbit'
     note = _take_dequantized(opt, sd) if from_8bit and opt.path != 'eightbit' else None
     with warnings.catch_warnings():
-        if from_8bit: warnings.simplefilter('ignore', PathConversionWarning)  # the 8-bit path's own state, back
+        if from_8bit and opt.path == 'eightbit' and saved_by.get('quantizer') == _quantizer(opt):
+            warnings.simplefilter('ignore', PathConversionWarning)  # its own state, quantized as it was
         opt.load_state_dict(sd)
     if note: warnings.warn(note)

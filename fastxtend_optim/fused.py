@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 import torch
 from torch import Tensor
-from .core import whole_norms, whole_sums, is_sharded, local_tensor, shard_group
+from .core import whole_norms, whole_sums_of, local_tensor, shard_group
 
 # %% auto #0
 __all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'Placement', 'FusedLayout', 'uncautious', 'fused_kernel',
@@ -51,8 +51,7 @@ class FusedGroup:
         """Each tensor's fp32 L2 norm, one vector per part, of whole tensors from one reduction. A part is 'p' (the
         weights after decoupled decay), 'g' (the gradients the update sees), or a vector of `local_norms`"""
         local = [part if isinstance(part, Tensor) else self.local_norms(part) for part in parts]
-        whole = whole_norms(torch.cat(local)).split([len(n) for n in local])
-        return [n * self._scale(part) for part, n in zip(parts, whole)]
+        return [n * self._scale(part) for part, n in zip(parts, whole_norms(*local))]
 
     def local_norms(self, part) -> Tensor:
         "This rank's norms of the weights ('p'), the gradients ('g') or a list of tensors: from the layout's rows if any"
@@ -322,9 +321,8 @@ def _member_sums(opt, layout:FusedLayout, place:Placement, named:dict, cautious:
             totals.setdefault(k, torch.zeros(len(layout.params), device=device)).index_add_(0, members, v)
     out = {k: v[place.members] for k, v in totals.items()}
     numel = torch.tensor([p.numel() for p in place.params], dtype=torch.float32, device=device)
-    if is_sharded():  # whole tensors' totals and counts, in one reduction
-        *sums, numel = whole_sums(torch.stack([*out.values(), numel])).unbind()
-        out = dict(zip(out, sums))
+    *sums, numel = whole_sums_of(*out.values(), numel)  # whole tensors' totals and counts, in one reduction
+    out = dict(zip(out, sums))
     if cautious: out['cautious_scale'] = numel * (out.pop('kept') + 1).reciprocal()  # as `cautious_` computes it
     if opt.fused.sums is not None: out['numel'] = numel
     return out

@@ -88,7 +88,7 @@ def lamb_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
     mom, sqr_mom, eps = h['mom'], h['sqr_mom'], h['eps']
     d_norms = torch.stack([_kernel_direction_norm(g, s, mom, sqr_mom, eps) for g, s in zip(grads, group.states)])
     p_norms = torch.stack(torch._foreach_norm(group.params, 2, dtype=torch.float32))
-    q = lamb_trust(*whole_norms(torch.stack([p_norms, d_norms])).unbind())
+    q = lamb_trust(*whole_norms(p_norms, d_norms))
     for p, g, state, q_ in zip(group.params, grads, group.states, q.tolist()):
         update_tensor(spec, p.data, g, state, lr=h['lr'] * q_, wd=0., beta1=mom, beta2=sqr_mom, eps=eps)
 

@@ -51,11 +51,11 @@ def batches(step:int, rank:int=0, world:int=1):
     return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
 
-def shard_model(model:nn.Sequential) -> nn.Sequential:
+def shard_model(model:nn.Module) -> nn.Module:
     "`model` sharded with FSDP2, layer by layer"
     from torch.distributed.fsdp import fully_shard
-    for m in model:
-        if isinstance(m, nn.Linear): fully_shard(m)
+    for m in model.children():
+        if any(True for _ in m.parameters()): fully_shard(m)
     return fully_shard(model)
 
 
@@ -103,6 +103,35 @@ def all_reduces_per_step(name:str, path:str, **extra) -> tuple[int, int]:
     try: opt.step()
     finally: dist.all_reduce = real
     return len(calls), groups
+
+
+class TwoWide(nn.Module):
+    """Two weights of 3 and 2 rows of 2^18: rank 0 holds 2^19 elements in two slices, rank 1 2^19 in one, so the CPU's
+    ForEach chunks (2^19 elements) would split the ranks' groups differently"""
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(2**18, 3, bias=False), nn.Linear(2**18, 2, bias=False)
+    def forward(self, x): return self.a(x).sum(-1, keepdim=True) + self.b(x).sum(-1, keepdim=True)
+
+
+# whole-tensor sums inside the chunk loop (no cautious mask: a mask flipped by a rounding-level difference moves a
+# weight by lr, and every weight feeds the output here, so one flip spreads to thousands within two steps)
+WIDE_CASES = [('lars', {}), ('stableadamw', {})]
+
+def wide_case(name:str, sharded:bool, **options) -> list[torch.Tensor]:
+    "3 ForEach steps on `TwoWide`, sharded or whole: a sharded group must step in one chunk on every rank"
+    model = TwoWide()
+    if sharded: model = shard_model(model)
+    opt = OPTIMIZERS[name]['opt'](list(model.parameters()), lr=1e-3, foreach=True, **options)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(4, 2**18, generator=g), torch.randn(4, 1, generator=g)
+        n = 4 // world
+        nn.functional.mse_loss(model(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
+        opt.step(); opt.zero_grad()
+    return [p.full_tensor() if sharded else p.detach().clone() for p in model.parameters()]
 
 
 def finite_flags() -> list[bool]:
@@ -162,6 +191,45 @@ def upshard_case(name:str, path:str, ckpt:str) -> list[torch.Tensor]:
     load_checkpoint(model, opt, ckpt)
     train(model, opt, name, range(STEPS // 2, STEPS), True)
     return whole_params(model, opt, True)
+
+
+class ComplexLinear(nn.Module):
+    "One complex (4, 3) weight: its state is a real view (4, 3, 2), Lookahead's slow copy complex (4, 3)"
+    def __init__(self, seed:int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(4, 3, dtype=torch.cfloat))
+    def forward(self, x): return (x.to(torch.cfloat) @ self.w.mT).abs().sum(-1, keepdim=True)
+
+
+def restore_setups():
+    """(module maker, optimizer maker) whose state is easy to lay out wrongly: a (100,) bias beside percentile
+    clipping's (100,) history, and a complex weight under Lookahead"""
+    from fastxtend_optim.adam import Adam
+    from fastxtend_optim.lookahead import Lookahead
+    bias_100 = lambda seed: (torch.manual_seed(seed), nn.Sequential(nn.Linear(3, 100), nn.Linear(100, 1)))[1]
+    return {'hist_beside_bias': (bias_100, lambda ps: Adam(ps, lr=1e-2, percentile_clipping=90)),
+            'complex_lookahead': (ComplexLinear, lambda ps: Lookahead(Adam(ps, lr=1e-2), k=100))}
+
+
+def state_restored_case(setup:str, ckpt:str) -> bool:
+    "3 sharded steps, saved; a fresh sharded module and optimizer load it: is every rank's state exactly as saved?"
+    import torch.distributed.checkpoint as dcp
+    from fastxtend_optim.distributed import sharded_state_dict, load_sharded_state_dict
+    make_module, make = restore_setups()[setup]
+    model = shard_model(make_module(0))
+    opt = make(list(model.parameters()))
+    for step in range(3):
+        x, y = batches(step, dist.get_rank(), dist.get_world_size())
+        nn.functional.mse_loss(model(x[:, :3]), y).backward(); opt.step(); opt.zero_grad()
+    dcp.save({'optim': sharded_state_dict(opt)}, checkpoint_id=ckpt)
+    fresh = shard_model(make_module(1))
+    loaded = make(list(fresh.parameters()))
+    load_sharded_state_dict(loaded, ckpt)
+    same = lambda a, b: torch.equal(a, b) if torch.is_tensor(a) else a == b
+    return all(s.keys() == t.keys() and all(same(s[k], t[k]) for k in s)
+               for s, t in zip(opt.state_dict()['state'], loaded.state_dict()['state']))
+
 
 
 def resume_case(name:str, path:str, ckpt:str, load_path:str|None=None) -> list[torch.Tensor]:
@@ -259,6 +327,7 @@ def main(mode:str, out:str):
         results = {(n, p): guarded(run_case, n, p, True) for n, p in cases()}
         results.update({('all_reduces', n, p): guarded(all_reduces_per_step, n, p) for n, p in cases()})
         results['finite'] = guarded(finite_flags)
+        results.update({('wide', n): guarded(wide_case, n, True, **kw) for n, kw in WIDE_CASES})
         for n, p, kw in REDUCTION_CASES:
             results['all_reduces', n, p, *kw] = guarded(all_reduces_per_step, n, p, **kw)
             results['options', n, p, *kw] = guarded(run_case, n, p, True, **kw)
@@ -269,6 +338,8 @@ def main(mode:str, out:str):
         results = {(n, p): guarded(checkpoint_case, n, p, checkpoint_dir(out, n, p)) for n, p in cases()}
         results.update({('upshard', n, p): guarded(upshard_case, n, p, checkpoint_dir(out, f'one-{n}', p))
                         for n, p in UPSHARD_CASES})
+        results.update({('restored', k): guarded(state_restored_case, k, checkpoint_dir(out, k, 'restored'))
+                        for k in restore_setups()})
     else: raise SystemExit(f'unknown mode {mode!r}')
     gather_to_rank0(results, out)
     dist.barrier()

@@ -60,6 +60,12 @@ def test_fsdp2_second_whole_tensor_quantities_match_one_process(fsdp, name, path
     assert maxdiff(got, w.run_case(name, path, **options)) <= FSDP_ATOL
 
 
+def reduces(name:str, path:str) -> bool:
+    "Whether the case's step has a whole-tensor quantity: a trust ratio, an RMS, clipping, or a cautious mask (not 8-bit)"
+    if name in ('lars', 'lamb', 'stableadamw', 'adam'): return True  # Adam: percentile clipping
+    return name in ('lion', 'adan', 'adopt') and not path.startswith('eightbit')  # cautious
+
+
 @pytest.mark.parametrize('name,path,options', [(n, p, {}) for n, p in w.cases()] + w.REDUCTION_CASES)
 def test_one_all_reduce_per_group_and_step(fsdp, name, path, options):
     """A sharded step reduces every whole-tensor quantity of a tensor group in one all-reduce: ForEach, fused and 8-bit
@@ -67,7 +73,16 @@ def test_one_all_reduce_per_group_and_step(fsdp, name, path, options):
     a time, one reduction per quantity and tensor (at most 3: LARS's weight, gradient and update norms; 6 tensors)"""
     calls, groups = fsdp['all_reduces', name, path, *options]
     if path == 'native': assert calls <= 3 * 6
-    else: assert calls in (0, groups) and groups == 4
+    else: assert groups == 4 and calls == (groups if reduces(name, path) else 0)
+
+
+@pytest.mark.parametrize('name,options', w.WIDE_CASES)
+def test_sharded_groups_step_in_one_chunk(fsdp, name, options):
+    """On the CPU, ForEach chunks a group by its elements; uneven slices would chunk differently on each rank and make
+    different numbers of reductions (a hang). Sharded groups step in one chunk and match one process"""
+    got = fsdp['wide', name]
+    assert not isinstance(got, str), got
+    assert maxdiff(got, w.wide_case(name, False, **options)) <= FSDP_ATOL
 
 
 def test_sophia_finite_check_agrees_across_ranks(fsdp):
@@ -115,9 +130,10 @@ def test_ddp_save_load_resumes_exactly(ddp, path):
 
 @pytest.fixture(scope='module')
 def checkpoints(tmp_path_factory):
-    "The `dcp` runs' results (rank 0's) and where their checkpoints lie"
+    "The `dcp` runs' results: rank 0's, where their checkpoints lie, and every rank's"
     tmp = tmp_path_factory.mktemp('dcp')
-    return launch('dcp', tmp)[0], tmp / 'dcp.pt'
+    ranks = launch('dcp', tmp)
+    return ranks[0], tmp / 'dcp.pt', ranks
 
 
 @pytest.mark.parametrize('name,path', w.cases())
@@ -169,6 +185,14 @@ def test_one_process_checkpoint_reloads_sharded(checkpoints, name, path):
     assert not isinstance(got, str), got
     if path == 'eightbit': assert maxdiff(got, w.run_case(name, 'native')) <= eightbit_bound(name)
     else: assert maxdiff(got, w.run_case(name, path)) <= FSDP_ATOL
+
+
+@pytest.mark.parametrize('setup', ['hist_beside_bias', 'complex_lookahead'])
+def test_sharded_checkpoint_restores_every_rank_exactly(checkpoints, setup):
+    """State is laid out by what it is, not by its shape: a (100,) bias's state is sharded while percentile clipping's
+    (100,) history stays whole, and a complex weight's real-view state and complex slow weights both shard"""
+    for rank in checkpoints[2]:
+        assert rank['restored', setup] is True, rank['restored', setup]
 
 
 @pytest.mark.parametrize('saved,loaded', [('eightbit', 'foreach'), ('foreach', 'eightbit')])
@@ -223,3 +247,14 @@ def test_refused_checkpoints_leave_the_optimizer_as_it_was(adam_checkpoint, make
     key = 'model' if error is KeyError else 'optim'
     with pytest.raises(error, match=match): load_sharded_state_dict(opt, ckpt, key=key)
     assert all(not s or set(s) <= {'do_wd'} for s in (opt.state[p] for p, *_ in opt.all_params()))
+
+
+@pytest.mark.parametrize('optim_bits,warnings_given', [(8, 0), (32, 1)])
+def test_eightbit_checkpoint_warns_when_its_quantizer_changes(adam_checkpoint, optim_bits, warnings_given):
+    "8-bit state loads silently into the quantizer that saved it, and with one warning into another"
+    model, _, ckpt = adam_checkpoint
+    opt = Adam(model.parameters(), lr=1e-3, eightbit=True, min_8bit_size=0, optim_bits=optim_bits)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', PathConversionWarning)
+        load_sharded_state_dict(opt, ckpt)
+    assert sum(c.category is PathConversionWarning for c in caught) == warnings_given
