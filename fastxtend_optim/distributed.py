@@ -43,8 +43,8 @@ def elementwise_keys(opt) -> set[str]:
 
 def _laid_out_like(p:Tensor, t:Tensor) -> Tensor:
     "Per-element state `t` of sharded `p`'s slice (a trailing 2 for complex views) as a `DTensor` placed as `p` is"
-    local = local_tensor(p)
     if not isinstance(p, DTensor): return t
+    local = local_tensor(p)
     if tuple(t.shape[:local.ndim]) != tuple(local.shape):
         raise ValueError(f"state of shape {tuple(t.shape)} does not fit its parameter's slice {tuple(local.shape)}")
     shape = tuple(p.shape) + tuple(t.shape[local.ndim:])

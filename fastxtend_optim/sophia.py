@@ -171,8 +171,9 @@ class SophiaCallback(Callback):
         with kept_buffers(learn.model):  # restored after the backward, which reads BatchNorm's saved statistics
             loss, n = gnb_loss(self._forward(learn), self.axis, self.generator)
             (loss * scale).backward()
-        grads = [p.grad for p, *_ in opt.all_params(with_grad=True)]
-        if scale != 1 and not all_finite(grads, [p for p, *_ in opt.all_params(with_grad=True)]): self.skipped += 1
+        params = [p for p, *_ in opt.all_params(with_grad=True)]
+        grads = [p.grad for p in params]
+        if scale != 1 and not all_finite(grads, params): self.skipped += 1
         else:
             foreach_mul_(grads, math.sqrt(n) / scale)
             opt.update_hessian()
