@@ -81,6 +81,16 @@ def run(opt, params, steps, start=0):
     return [p.detach().clone() for p in params]
 
 
+def assert_schedules_compile_nothing(opt, params, hypers:dict, steps:int=3):
+    "Two fused steps, then `hypers` set (in order) and `steps` more: the kernels of the first steps serve them all"
+    from torch._dynamo.utils import counters
+    run(opt, params, 2)
+    compiled = counters['stats']['unique_graphs']
+    for k, v in hypers.items(): opt.set_hyper(k, v)
+    run(opt, params, steps, start=2)
+    assert counters['stats']['unique_graphs'] == compiled
+
+
 def gappy_run(opt, params, steps):
     "Like `run`, but tensor 2 has no gradient on some steps: it must not move then, and its step count lags"
     for i in range(steps):

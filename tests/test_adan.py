@@ -4,8 +4,8 @@ import torch
 import optimi
 from optimi.adan import adan as optimi_adan
 from fastxtend_optim.adan import Adan, adan
-from conftest import (assert_matches_reference, frozen_run, make_params, set_grads, run, gappy_run, assert_close_lists,
-                      fx_groups, torch_groups, NO_WD, LRS)
+from conftest import (assert_schedules_compile_nothing, assert_matches_reference, frozen_run, make_params, set_grads,
+                      run, gappy_run, assert_close_lists, fx_groups, torch_groups, NO_WD, LRS)
 
 WD = 0.05
 PATHS = ('native', 'foreach', 'fused')
@@ -139,14 +139,8 @@ def test_fused_matches_native_with_missing_gradients_and_clipping(kwargs):
 
 def test_fused_schedules_do_not_recompile():
     "lr, betas, wd and adam_wd are kernel inputs: changing them compiles nothing new"
-    from torch._dynamo.utils import counters
     ps = make_params()
-    opt = fx_adan(ps, 'fused')
-    run(opt, ps, 2)
-    compiled = counters['stats']['unique_graphs']
-    opt.set_hyper('lr', 5e-3); opt.set_hyper('beta2', 0.8); opt.set_hyper('adam_wd', True); opt.set_hyper('wd', 0.1)
-    run(opt, ps, 3, start=2)
-    assert counters['stats']['unique_graphs'] == compiled
+    assert_schedules_compile_nothing(fx_adan(ps, 'fused'), ps, dict(lr=5e-3, beta2=0.8, adam_wd=True, wd=0.1))
 
 
 def test_eightbit_refused():

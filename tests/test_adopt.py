@@ -3,8 +3,9 @@ import pytest
 import torch
 from pytorch_optimizer import ADOPT as RefADOPT
 from fastxtend_optim.adopt import ADOPT, adopt
-from conftest import (assert_matches_reference, assert_bf16_tracks_fp32, frozen_run, assert_paths_match_native,
-                      make_params, set_grads, run, gappy_run, assert_close_lists, fx_groups, torch_groups, LRS, NO_WD)
+from conftest import (assert_schedules_compile_nothing, assert_matches_reference, assert_bf16_tracks_fp32, frozen_run,
+                      assert_paths_match_native, make_params, set_grads, run, gappy_run, assert_close_lists,
+                      fx_groups, torch_groups, LRS, NO_WD)
 
 WD = 0.05
 PATHS = ('native', 'foreach', 'fused')
@@ -91,14 +92,8 @@ def test_paths_match_native_with_cautious_and_l2():
 
 def test_fused_schedules_do_not_recompile():
     "lr, betas and eps are kernel inputs: changing them (and crossing step 1) compiles nothing new"
-    from torch._dynamo.utils import counters
     ps = make_params()
-    opt = fx_adopt(ps, 'fused')
-    run(opt, ps, 2)
-    compiled = counters['stats']['unique_graphs']
-    opt.set_hyper('lr', 5e-3); opt.set_hyper('beta1', 0.8); opt.set_hyper('beta2', 0.99); opt.set_hyper('eps', 1e-4)
-    run(opt, ps, 3, start=2)
-    assert counters['stats']['unique_graphs'] == compiled
+    assert_schedules_compile_nothing(fx_adopt(ps, 'fused'), ps, dict(lr=5e-3, beta1=0.8, beta2=0.99, eps=1e-4))
 
 
 @pytest.mark.parametrize('path', PATHS)

@@ -2,8 +2,8 @@
 import pytest
 import fastai.optimizer as fastai_optim
 from fastxtend_optim.radam import RAdam
-from conftest import (assert_matches_reference, assert_bf16_tracks_fp32, frozen_run, make_params, run, gappy_run,
-                      assert_close_lists, fx_groups)
+from conftest import (assert_schedules_compile_nothing, assert_matches_reference, assert_bf16_tracks_fp32, frozen_run,
+                      make_params, run, gappy_run, assert_close_lists, fx_groups)
 
 WD = 0.05
 PATHS = ('native', 'foreach', 'fused')
@@ -45,14 +45,9 @@ def test_per_tensor_step_counts_match_fastai(path):
 
 def test_fused_schedules_do_not_recompile():
     "lr, mom and beta changes are kernel inputs; only turning SAdam on or off is a new kernel"
-    from torch._dynamo.utils import counters
     ps = make_params()
-    opt = fx_radam(ps, 'fused', beta=10.)
-    run(opt, ps, 2)
-    compiled = counters['stats']['unique_graphs']
-    opt.set_hyper('lr', 5e-3); opt.set_hyper('mom', 0.8); opt.set_hyper('beta', 30.)
-    run(opt, ps, 8, start=2)  # crosses into the rectified regime
-    assert counters['stats']['unique_graphs'] == compiled
+    assert_schedules_compile_nothing(fx_radam(ps, 'fused', beta=10.), ps, dict(lr=5e-3, mom=0.8, beta=30.),
+                                     steps=8)  # crosses into the rectified regime
 
 
 @pytest.mark.parametrize('kwargs', [dict(), dict(percentile_clipping=80, beta=20.)])

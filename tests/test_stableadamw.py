@@ -3,8 +3,8 @@ import pytest
 import torch
 import optimi
 from fastxtend_optim.stableadamw import StableAdamW, stableadamw, stable_rms
-from conftest import (assert_matches_reference, assert_bf16_tracks_fp32, make_params, set_grads, run, gappy_run,
-                      assert_close_lists, fx_groups, torch_groups, NO_WD, LRS)
+from conftest import (assert_schedules_compile_nothing, assert_matches_reference, assert_bf16_tracks_fp32,
+                      make_params, set_grads, run, gappy_run, assert_close_lists, fx_groups, torch_groups, NO_WD, LRS)
 
 WD = 0.05
 PATHS = ('native', 'foreach', 'fused')
@@ -120,14 +120,9 @@ def test_do_wd_false_is_not_decayed():
 
 def test_fused_schedules_do_not_recompile():
     "lr, mom, sqr_mom, eps and wd are kernel inputs"
-    from torch._dynamo.utils import counters
     ps = make_params()
-    opt = fx_stable(ps, 'fused')
-    run(opt, ps, 2)
-    compiled = counters['stats']['unique_graphs']
-    for k, v in dict(lr=5e-3, mom=0.8, sqr_mom=0.95, eps=1e-5, wd=0.2).items(): opt.set_hyper(k, v)
-    run(opt, ps, 3, start=2)
-    assert counters['stats']['unique_graphs'] == compiled
+    assert_schedules_compile_nothing(fx_stable(ps, 'fused'), ps, dict(lr=5e-3, mom=0.8, sqr_mom=0.95, eps=1e-5,
+                                                                       wd=0.2))
 
 
 def test_eightbit_refused():
