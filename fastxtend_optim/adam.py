@@ -78,7 +78,7 @@ def adam_scalars(h:dict, group) -> dict:
     return dict(mom=mom, mom_c=1 - mom, sqr_mom=sqr_mom, sqr_mom_c=1 - sqr_mom, eps=h['eps'],
                 step_size=-h['lr'] / debias(mom, 1 - mom, steps), debias2=debias(sqr_mom, 1 - sqr_mom, steps))
 
-ADAM_FUSED = FusedSpec(adam_update, adam_scalars)
+ADAM_FUSED = FusedSpec(adam_update, adam_scalars, unsigned=('sqr_avg', 'max_sqr_avg'))
 ADAM_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, cautious=boolean,
                    percentile_clipping=percentile_range)
 
@@ -92,7 +92,7 @@ def _adam_args(foreach, eightbit, fused, amsgrad, cautious, eightbitargs) -> tup
     return select_path(foreach, eightbit, fused), eightbit_args(eightbit, ADAM_CHECKS, **eightbitargs)
 
 def Adam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0.01, decouple_wd:bool=True,
-         amsgrad:bool=False, cautious:bool=False, foreach:bool|None=None, fused:bool=False, eightbit:bool=False,
+         amsgrad:bool=False, cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32, eightbit:bool=False,
          percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for Adam (`decouple_wd=False`) or AdamW on the native, ForEach, fused or bitsandbytes path"
     path, args = _adam_args(foreach, eightbit, fused, amsgrad, cautious, eightbitargs)
@@ -100,7 +100,7 @@ def Adam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd
     return FXOptimizer(params, [partial(adam_step, amsgrad=amsgrad)], partial(adam_foreach_step, amsgrad=amsgrad),
                        state_keys=keys, path=path, checks=ADAM_CHECKS, eightbit=ADAM_8BIT, eightbit_args=args,
                        fused=ADAM_FUSED, complex_ok=True, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
-                       decouple_wd=decouple_wd, cautious=cautious, percentile_clipping=percentile_clipping)
+                       decouple_wd=decouple_wd, cautious=cautious, percentile_clipping=percentile_clipping, state_bits=state_bits)
 
 # %% ../nbs/11_adam.ipynb #452888eb
 adam = opt_partial(Adam)

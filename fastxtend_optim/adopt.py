@@ -74,7 +74,7 @@ def adopt_scalars(h:dict, group) -> dict:
     return dict(eps=h['eps'], clip=steps ** 0.25, m_w=per(0., 1 - b1), step_size=per(0., -h['lr']),
                 v_keep=per(1., b2), v_add=per(1., 1 - b2))
 
-ADOPT_FUSED = FusedSpec(adopt_update, adopt_scalars)
+ADOPT_FUSED = FusedSpec(adopt_update, adopt_scalars, unsigned=('sqr_avg',))
 
 # %% ../nbs/23_adopt.ipynb #49dace06
 ADOPT_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, eps=positive, decouple_wd=boolean, cautious=boolean,
@@ -82,14 +82,14 @@ ADOPT_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, eps=positive, deco
 
 # %% ../nbs/23_adopt.ipynb #3a8045c3
 def ADOPT(params, lr:float, beta1:float=0.9, beta2:float=0.9999, eps:float=1e-6, wd:float=0., decouple_wd:bool=False,
-          cautious:bool=False, foreach:bool|None=None, fused:bool=False, eightbit:bool=False,
+          cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32, eightbit:bool=False,
           percentile_clipping:float=100, **kwargs) -> FXOptimizer:
     "A fastai `Optimizer` for ADOPT (with Cautious masking when `cautious`) on the native, ForEach or fused path"
     no_eightbit('ADOPT', eightbit, kwargs, ADOPT_CHECKS)
     return FXOptimizer(params, [adopt_step], adopt_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
                        path=select_path(foreach, False, fused), checks=ADOPT_CHECKS, fused=ADOPT_FUSED, lr=lr,
                        beta1=beta1, beta2=beta2, eps=eps, wd=wd, decouple_wd=decouple_wd, cautious=cautious,
-                       percentile_clipping=percentile_clipping)
+                       percentile_clipping=percentile_clipping, state_bits=state_bits)
 
 # %% ../nbs/23_adopt.ipynb #b18be816
 adopt = opt_partial(ADOPT)

@@ -36,12 +36,12 @@ from .demo import digits_dls, digits_learner, PATH_FUNCS
 from .profiler import markdown_table  # also patches `Learner.profile`
 
 # %% auto #0
-__all__ = ['PATHS', 'NO_EIGHTBIT', 'OPTIMIZERS', 'SIZES', 'MODEL_OPTS', 'ADAM_KW', 'SA_KW', 'FASTAI', 'BNB', 'OPTIMI',
-           'STEP_HYPERS', 'PEERS', 'COMPILE_NOTE', 'PRECOMPILE_SHAPES', 'has_path', 'BenchError', 'fail',
-           'check_choices', 'check_positive', 'resolve_device', 'check_eightbit', 'launched', 'per_process',
-           'warmup_batches', 'train_runs', 'speedup_table', 'model_shapes', 'synthetic_params', 'fastai_lion_step',
-           'TorchMuonAdamW', 'step_implementations', 'FloorCopy', 'step_table', 'fxo_bench', 'run_bench',
-           'precompile_fused', 'hardware', 'model_header']
+__all__ = ['PATHS', 'NO_EIGHTBIT', 'OPTIMIZERS', 'LOWBIT_PATHS', 'RUN_PATHS', 'SIZES', 'MODEL_OPTS', 'ADAM_KW', 'SA_KW', 'FASTAI',
+           'BNB', 'OPTIMI', 'TORCHAO', 'STEP_HYPERS', 'PEERS', 'COMPILE_NOTE', 'PRECOMPILE_SHAPES', 'has_path',
+           'BenchError', 'fail', 'check_choices', 'check_positive', 'resolve_device', 'check_eightbit', 'launched',
+           'per_process', 'warmup_batches', 'train_runs', 'speedup_table', 'model_shapes', 'synthetic_params',
+           'fastai_lion_step', 'TorchMuonAdamW', 'step_implementations', 'FloorCopy', 'state_bytes', 'step_table',
+           'fxo_bench', 'run_bench', 'precompile_fused', 'hardware', 'model_header']
 
 # %% ../nbs/42_bench.ipynb #8f60cae0
 PATHS = tuple(PATH_FUNCS)
@@ -68,7 +68,12 @@ OPTIMIZERS = {  # factory, partial for the digits Learner and its peak lr, bytes
                                partial=lambda **kw: schedulefree_adamw(warmup_steps=20, wd=0.01, **kw)),
 }
 
-def has_path(name:str, path:str) -> bool: return path in OPTIMIZERS[name].get('paths', PATHS)
+LOWBIT_PATHS = {f'fused{b}': dict(fused=True, state_bits=b) for b in (16, 8, 4)}  # the fused path with low-bit state
+RUN_PATHS = {**PATH_FUNCS, **LOWBIT_PATHS}
+
+def has_path(name:str, path:str) -> bool:
+    "Whether optimizer `name` has `path` (a low-bit path wherever it has the fused one)"
+    return ('fused' if path in LOWBIT_PATHS else path) in OPTIMIZERS[name].get('paths', PATHS)
 SIZES = {'small': (0.4, 96), 'medium': (5.5, 600), 'large': (22, 600), 'xl': (354, 600)}  # M parameters, tensors
 
 # %% ../nbs/42_bench.ipynb #5dee9b60
@@ -154,7 +159,7 @@ def train_runs(opts:list, paths:list, epochs:int=2, bs:int|None=None, device='cp
         learner, warmup, epochs = (lambda fn: model_learner(model, fn, dls)), warmup_batches(per_process(steps)), 1
     rows, unit = [], ('state_kb', 1024) if model == 'digits' else ('state_mb', 2**20)
     for name, path in progress_bar([(o, p) for o in opts for p in paths if has_path(o, p)], leave=False):
-        learn = learner(OPTIMIZERS[name]['partial'](**PATH_FUNCS[path]))
+        learn = learner(OPTIMIZERS[name]['partial'](**RUN_PATHS[path]))
         run = _profiled_fit(learn, name, epochs, warmup)
         row = dict(optimizer=name, path=path)
         if model == 'digits': row['accuracy'] = float(learn.recorder.values[-1][-1])
@@ -166,7 +171,7 @@ def speedup_table(runs:pd.DataFrame) -> pd.DataFrame:
     "fastxtend's layout: per optimizer, the step time of each path and ForEach's speedup over native"
     table = runs.pivot(index='optimizer', columns='path', values='step_ms').reindex(runs['optimizer'].unique())
     out = pd.DataFrame(index=table.index)
-    for path in [p for p in PATHS if p in table]: out[f'{path} step (ms)'] = table[path]
+    for path in [p for p in RUN_PATHS if p in table]: out[f'{path} step (ms)'] = table[path]
     for path, label in (('foreach', 'ForEach'), ('fused', 'Fused')):
         if {'native', path} <= set(table): out[f'{label} speedup'] = table['native'] / table[path]
     return out.rename_axis('optimizer')
@@ -194,7 +199,7 @@ def fastai_lion_step(p, lr, beta1, beta2, grad_avg=None, **kwargs):
 fastai_lion_step.defaults = dict(beta1=0.9, beta2=0.99)
 
 def _ours(opt_fn, paths, **hypers) -> dict:
-    return {f'fastxtend_optim {p}': (lambda ps, kw=PATH_FUNCS[p]: opt_fn(ps, **hypers, **kw)) for p in paths}
+    return {f'fastxtend_optim {p}': (lambda ps, kw=RUN_PATHS[p]: opt_fn(ps, **hypers, **kw)) for p in paths}
 
 def _peer(impls:dict, notes:list, name:str, module:str, make):
     "Add a peer from an optional package, or note that it is skipped"
@@ -203,7 +208,7 @@ def _peer(impls:dict, notes:list, name:str, module:str, make):
 
 ADAM_KW = dict(betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)
 SA_KW = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)  # StableAdamW's peers
-FASTAI, BNB, OPTIMI = 'fastai.optimizer', 'bitsandbytes.optim', 'optimi'
+FASTAI, BNB, OPTIMI, TORCHAO = 'fastai.optimizer', 'bitsandbytes.optim', 'optimi', 'torchao.optim'
 STEP_HYPERS = {  # our hypers in the step benchmark; the peers below are set to the same math
     'lion': dict(lr=1e-4, wd=0.1), 'adam': dict(lr=1e-4, wd=0.01), 'lars': dict(lr=1e-2),
     'sgd': dict(lr=1e-2, mom=0.9), 'rmsprop': dict(lr=1e-3), 'adagrad': dict(lr=1e-2), 'radam': dict(lr=1e-3),
@@ -235,7 +240,9 @@ PEERS = {  # optimizer -> [(name, module, make(module, params))]
              ('torch AdamW foreach', 'torch.optim', lambda m, ps: m.AdamW(ps, lr=1e-4, foreach=True, **ADAM_KW)),
              ('torch AdamW fused', 'torch.optim', lambda m, ps: m.AdamW(ps, lr=1e-4, fused=True, **ADAM_KW)),
              ('optimi AdamW foreach', OPTIMI, lambda m, ps: m.AdamW(ps, lr=1e-4, foreach=True, **ADAM_KW)),
-             ('bitsandbytes AdamW8bit', BNB, lambda m, ps: m.AdamW8bit(ps, lr=1e-4, **ADAM_KW))],
+             ('bitsandbytes AdamW8bit', BNB, lambda m, ps: m.AdamW8bit(ps, lr=1e-4, **ADAM_KW)),
+             ('torchao AdamW8bit', TORCHAO, lambda m, ps: m.AdamW8bit(ps, lr=1e-4, **ADAM_KW)),
+             ('torchao AdamW4bit', TORCHAO, lambda m, ps: m.AdamW4bit(ps, lr=1e-4, **ADAM_KW))],
     'lars': [('fastai Larc (clip=False)', FASTAI, lambda m, ps: m.Larc(ps, lr=1e-2, clip=False)),
              ('bitsandbytes LARS8bit', BNB, lambda m, ps: m.LARS8bit(ps, lr=1e-2, momentum=0.9, max_unorm=0.))],
     'sgd': [('fastai SGD', FASTAI, lambda m, ps: m.SGD(ps, lr=1e-2, mom=0.9)),
@@ -302,9 +309,25 @@ class FloorCopy:
         self.src, self.dst = torch.randn(self.numel, device=device), torch.empty(self.numel, device=device)
     def __call__(self): self.dst.copy_(self.src)
 
+def state_bytes(opt) -> float:
+    "Bytes of the tensors `opt` keeps as state (each tensor once; a tensor subclass's inner tensors; NaN if unknown)"
+    if hasattr(opt, 'opts'): return sum(state_bytes(o) for o in opt.opts)
+    inner = getattr(opt, 'opt', None)
+    states = getattr(opt, 'state', None) if inner is None else {**inner.state, **getattr(opt, 'state', {})}
+    if not isinstance(states, dict): return float('nan')
+    seen = {}
+    def add(t):
+        if hasattr(t, '__tensor_flatten__'):
+            for n in t.__tensor_flatten__()[0]: add(getattr(t, n))
+        elif isinstance(t, torch.Tensor): seen[id(t)] = t.numel() * t.element_size()
+    for s in states.values():
+        for v in (s.values() if isinstance(s, dict) else []): add(v)
+    return float(sum(seen.values()))
+
 def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3,
                notes:list|None=None) -> pd.DataFrame:
-    "Median `opt.step()` ms of each implementation of optimizer `name`, × our ForEach, × the floor, and its first step"
+    """Median `opt.step()` ms of each implementation of optimizer `name`, × our ForEach, state bytes per parameter,
+    × the floor of the bytes it moves (the fp32 update's, with its own state in place of fp32 state), its first step"""
     notes, numel = [] if notes is None else notes, sum(math.prod(s) for s in shapes)
     floor_copy = FloorCopy(OPTIMIZERS[name]['bytes'] * numel, device)
     with warnings.catch_warnings():
@@ -312,6 +335,7 @@ def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3
         opts = {impl: make(synthetic_params(shapes, device))
                 for impl, make in step_implementations(name, paths, notes).items()}
         first = {impl: _timed_ms(opt.step, device) / 1000 for impl, opt in opts.items()}  # the fused path compiles here
+        state = pd.Series({impl: state_bytes(opt) / numel for impl, opt in opts.items()})
         for opt in opts.values():
             for _ in range(warmup - 1): opt.step()
         times = {impl: [] for impl in [*opts, 'floor']}
@@ -322,7 +346,10 @@ def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3
     floor = med.pop('floor')
     base = 'fastxtend_optim foreach' if 'fastxtend_optim foreach' in med else med.index[0]
     ratio = '× ForEach' if base == 'fastxtend_optim foreach' else f'× {base}'
-    table = pd.DataFrame({'ms': med, ratio: med / med[base], '× floor': med / floor,
+    fp32_state = state.get('fastxtend_optim foreach', state.iloc[0])
+    moved = OPTIMIZERS[name]['bytes'] + 2 * (state - fp32_state).fillna(0)  # each state byte is read and written
+    table = pd.DataFrame({'ms': med, ratio: med / med[base], 'state B/param': state,
+                          '× floor': med / (floor * moved / OPTIMIZERS[name]['bytes']),
                           'first step (s)': pd.Series(first)}).rename_axis('implementation')
     table.attrs.update(floor_ms=floor, bandwidth=OPTIMIZERS[name]['bytes'] * numel / floor * 1000)
     return table
@@ -332,7 +359,7 @@ def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3
 def fxo_bench(
     mode:str='train', # `train`: a fastai Learner per optimizer and path under the profiler; `step`: opt.step() alone vs peers
     opt:Annotated[str, {'nargs': '+'}]=None, # optimizers (default: all; `train` on a model other than digits: lion adam lars)
-    path:Annotated[str, {'nargs': '+'}]=list(PATHS), # paths: native foreach fused eightbit
+    path:Annotated[str, {'nargs': '+'}]=list(PATHS), # paths: native foreach fused eightbit, or the fused path with low-bit state: fused16 fused8 fused4
     model:Annotated[str, {'nargs': '+'}]=[DEFAULT_MODEL], # train: digits (real data, accuracy), xresnet-small, xresnet18/50/101, xse-resnext50, convnext-tiny/small, vit-s16, deberta-base
     steps:int=20, # train: batches per run on a model other than digits, the first 2 untimed
     full_size:bool=False, # train: the model's usual input shape on the CPU too (the CPU default is reduced)
@@ -345,27 +372,30 @@ def fxo_bench(
     device:str='auto', # auto (CUDA when present), cpu or cuda[:N]
     out:str='fxo-bench', # folder for the Markdown tables and the PNG plot
     cold:bool=False, # step: compile the fused path with an empty inductor cache, so its first step is a cold compile
+    state_bits:Annotated[int, {'nargs': '+'}]=None, # also the fused path with low-bit state at these bits: 16 8 4 (the paths fused16 fused8 fused4)
 ):
     "Benchmark fastxtend_optim's optimizers: optimizer-step time per path on real architectures, or opt.step() against peers"
     if cold: os.environ['TORCHINDUCTOR_CACHE_DIR'] = tempfile.mkdtemp(prefix='fxo-bench-inductor-')
     try: run_bench(mode, opt, path, epochs, bs, size, params, tensors, rounds, device, out, models=model, steps=steps,
-                   full_size=full_size, command=shlex.join(['fxo-bench', *sys.argv[1:]]))
+                   full_size=full_size, command=shlex.join(['fxo-bench', *sys.argv[1:]]), state_bits=state_bits or [])
     except BenchError as e: fail(str(e))
 
 # %% ../nbs/42_bench.ipynb #1a7bb0eb
 def run_bench(mode, opts, paths, epochs, bs, size, params, tensors, rounds, device, out, models=None, steps:int=20,
-              full_size:bool=False, command:str|None=None):
+              full_size:bool=False, command:str|None=None, state_bits=()):
     "Check the options, run `mode`, print the tables and write them under `out`"
     check_choices('mode', [mode], ('train', 'step'))
     models = list(dict.fromkeys(models or [DEFAULT_MODEL]))
     if mode == 'train': check_choices('model', models, TRAIN_MODELS)
     opts = opts or (MODEL_OPTS if mode == 'train' and models != ['digits'] else list(OPTIMIZERS))
     check_choices('optimizer', opts, OPTIMIZERS)
-    check_choices('path', paths, PATHS)
+    check_choices('path', paths, RUN_PATHS)
     check_choices('size', [size], SIZES)
     check_positive(epochs=epochs, steps=steps, rounds=rounds,
                    **{k: v for k, v in dict(bs=bs, params=params, tensors=tensors).items() if v is not None})
     check_eightbit(paths)
+    check_choices('state bits', [str(b) for b in state_bits], ('16', '8', '4'))
+    paths = paths + [f'fused{b}' for b in state_bits]  # the fused path with low-bit state
     opts, paths = list(dict.fromkeys(opts)), list(dict.fromkeys(paths))  # repeated names run once
     if mode == 'step' and launched() > 1:
         raise BenchError(f'`step` times opt.step() in one process, and {launched()} were launched: run it without a launcher')
@@ -467,7 +497,7 @@ def _plot_steps(runs:pd.DataFrame, path):
     fig, axes = plt.subplots(len(models), 1, figsize=(width, 3 * len(models)), squeeze=False)
     for ax, m in zip(axes[:, 0], models):
         table = (runs[runs['model'] == m] if 'model' in runs else runs).pivot(index='optimizer', columns='path', values='step_ms')
-        table[[p for p in PATHS if p in table]].plot.bar(ax=ax, rot=45)
+        table[[p for p in RUN_PATHS if p in table]].plot.bar(ax=ax, rot=45)
         ax.legend(title='path', loc='upper left', bbox_to_anchor=(1.01, 1), borderaxespad=0)
         ax.set_ylabel('opt.step() ms'); ax.set_title(f'optimizer step per path ({"digits MLP" if m == "digits" else m})')
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)

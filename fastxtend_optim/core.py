@@ -15,13 +15,14 @@ import torch, torch.distributed
 from torch import Tensor
 from fastai.optimizer import Optimizer
 from fastcore.foundation import L
+from .lowbit import state_bits_value, tensor_state_bits, absmax_key, saved_format, as_format, key_formats
 
 # %% auto #0
 __all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'positive', 'unit_interval', 'closed_unit_interval',
            'boolean', 'percentile_range', 'check_hypers', 'our_keywords', 'refuse_foreign_keywords', 'TensorGroup',
-           'gather_groups', 'local_tensor', 'shard_group', 'sharded_over', 'is_sharded', 'whole_sums', 'whole_sums_of',
-           'whole_norms', 'stacked_norms', 'whole_norm', 'steps_runs', 'init_state', 'foreach_mul_', 'weight_decay_',
-           'cautious_', 'cautious_counts', 'apply_cautious_', 'cautious_foreach_', 'check_cautious',
+           'tensor_bits', 'gather_groups', 'local_tensor', 'shard_group', 'sharded_over', 'is_sharded', 'whole_sums',
+           'whole_sums_of', 'whole_norms', 'stacked_norms', 'whole_norm', 'steps_runs', 'init_state', 'foreach_mul_',
+           'weight_decay_', 'cautious_', 'cautious_counts', 'apply_cautious_', 'cautious_foreach_', 'check_cautious',
            'percentile_scales', 'scale_grads', 'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params',
            'plain_number', 'FXOptimizer', 'opt_partial']
 
@@ -89,15 +90,26 @@ class TensorGroup:
     "Parameters with a gradient that share hypers, device, dtype and `do_wd`"
     hyper: dict
     do_wd: bool
-    key: tuple = ()  # (param list index, device, dtype, do_wd, shard group)
+    key: tuple = ()  # (param list index, device, dtype, do_wd, shard group, state bits)
     shard_group: object = None  # the process group over which FSDP2 shards these tensors; `None` when whole
     params: list = field(default_factory=list)  # local shards of sharded (`DTensor`) parameters
     grads: list = field(default_factory=list)
     states: list = field(default_factory=list)
     owners: list = field(default_factory=list)  # the parameters themselves (`DTensor`s where sharded)
 
+    @property
+    def state_bits(self) -> int:
+        "Bits per element of these tensors' state on the fused path (32 on the others)"
+        return self.key[5]
+
+def tensor_bits(opt:Optimizer, p:Tensor, hyper:dict) -> int:
+    "The bits of `p`'s state in a param group with `hyper`: `state_bits` on the fused path (see `lowbit`), else 32"
+    if getattr(opt, 'path', None) != 'fused' or p.is_complex(): return 32
+    return tensor_state_bits(opt.state[p], hyper, p.numel())
+
 def gather_groups(opt:Optimizer) -> list[TensorGroup]:
-    "Group `opt`'s parameters that have a gradient by param group, device, dtype and `do_wd`"
+    """Group `opt`'s parameters that have a gradient by param group, device, dtype, `do_wd` and state bits (complex
+    tensors keep groups of their own)"""
     groups = []
     for i, (params, hyper) in enumerate(zip(opt.param_lists, opt.hypers)):
         by_key = {}
@@ -107,7 +119,7 @@ def gather_groups(opt:Optimizer) -> list[TensorGroup]:
             if grad.is_sparse: raise RuntimeError(f"parameter {j} of param group {i} has a sparse gradient: "
                                                   "sparse gradients are not supported")
             state, shards, owner = opt.state[p], shard_group(p), p
-            key = (i, p.device, p.dtype, state.get('do_wd', True), shards)  # complex tensors keep a group of their own
+            key = (i, p.device, p.dtype, state.get('do_wd', True), shards, tensor_bits(opt, p, hyper))
             p, grad = local_tensor(p), local_tensor(grad)
             if p.is_complex(): p, grad = torch.view_as_real(p), torch.view_as_real(grad)  # (..., 2) real views
             group = by_key.get(key)
@@ -327,26 +339,46 @@ class FXOptimizer(Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params)
         if not params or all(isinstance(pg, (list, tuple, L)) and not len(pg) for pg in params):
             raise ValueError("`params` is empty: the optimizer needs at least one parameter")
-        self.checks, self.group_check = checks or {}, group_check
+        self.checks, self.group_check, self.path = {'state_bits': state_bits_value, **(checks or {})}, group_check, path
         check_hypers(self.checks, **defaults)
-        if group_check is not None: group_check(defaults)
+        self._check_group(defaults)
         super().__init__(params, steppers, **defaults)
         check_params(self.param_lists, complex_ok, path)
-        self.foreach_step, self.state_keys, self.path = foreach_step, tuple(state_keys), path
+        self.foreach_step, self.state_keys = foreach_step, tuple(state_keys)
         self.eightbit, self.eightbit_args, self.fused, self.own_decay = eightbit, eightbit_args, fused, own_decay
 
     def set_hyper(self, k, v):
         "fastai's `set_hyper`, refusing a value its check or the group check rejects (the hypers stay as they were)"
         check_hypers(self.checks, **{k: v})
         before = [dict(h) for h in self.hypers]
+        if k == 'state_bits': self.__dict__.pop('_fused_layouts', None)  # new layouts in the new format
         if v is None: self._set_hyper(k, [None] * len(self.hypers))  # fastai's `L(None)` would be empty
         else: super().set_hyper(k, v)
         try:
-            if self.group_check is not None:
-                for h in self.hypers: self.group_check(h)
+            for h in self.hypers: self._check_group(h)
         except ValueError:
             for h, old in zip(self.hypers, before): h.clear(); h.update(old)
             raise
+
+    def _check_group(self, h:dict):
+        "The optimizer's own check of a group's hypers, and the path's: `state_bits` other than 32 is the fused path's"
+        if self.group_check is not None: self.group_check(h)
+        bits = h.get('state_bits', 32)
+        if self.path != 'fused' and any(b != 32 for b in (bits if isinstance(bits, (list, tuple)) else [bits])):
+            raise ValueError(f"`state_bits={bits}` needs the fused path (`fused=True`): the {self.path!r} path keeps "
+                             "state in the weights' dtype" + ("; `eightbit=True` is bitsandbytes' own 8-bit state, and "
+                             "takes no `state_bits`" if self.path == 'eightbit' else ''))
+
+    def set_state_bits(self, params, bits:int):
+        """Give `params` (tensors of this optimizer) `bits` of state each, whatever their param group's `state_bits` and
+        their size: an embedding kept at 32 bits, say. Kept in their state, so `Learner.save`/`load` keep it"""
+        state_bits_value('bits', bits)
+        self._check_group({'state_bits': bits})
+        params = [params] if isinstance(params, Tensor) else list(params)
+        mine = {id(p) for p, *_ in self.all_params()}
+        if not all(id(p) in mine for p in params): raise ValueError("`params` holds a tensor this optimizer does not step")
+        for p in params: self.state[p]['state_bits'] = bits
+        self.__dict__.pop('_fused_layouts', None)  # rebuilt at the next step, from the state as it is
 
     def zero_grad(self, set_to_none:bool=False):
         "Zero the gradients, or drop them when `set_to_none`"
@@ -377,11 +409,18 @@ class FXOptimizer(Optimizer):
         getattr(self, '_foreach_step' if self.path == 'fused' else f'_{self.path}_step')(group, grads)
 
     def _fused_step(self, group, scales) -> bool:
-        "The fused step; where this device cannot compile, warn once with the reason and take ForEach from now on"
+        """The fused step; where this device cannot compile, warn once with the reason and take ForEach from now on, or,
+        when any state is not 32-bit (ForEach has no low-bit state), run the fused math eagerly"""
         from fastxtend_optim.fused import fused_step, fused_unavailable
-        if fused_step(self, group, scales): return True
-        warnings.warn(f"the fused path cannot run on {group.params[0].device.type}: "
-                      f"{fused_unavailable(group.params[0].device)}. This optimizer takes the ForEach path instead.")
+        if fused_step(self, group, scales, eager=getattr(self, '_fused_eager', False)): return True
+        device = group.params[0].device
+        lowbit = any(tensor_bits(self, p, h) != 32 for ps, h in zip(self.param_lists, self.hypers) for p in ps)
+        warnings.warn(f"the fused path cannot compile on {device.type}: {fused_unavailable(device)}. " +
+                      ("Its low-bit state steps with the same math, eagerly (slower)." if lowbit else
+                       "This optimizer takes the ForEach path instead."))
+        if lowbit:
+            self._fused_eager = True
+            return fused_step(self, group, scales, eager=True)
         self.path = 'foreach'
         return False
 
@@ -429,18 +468,51 @@ class FXOptimizer(Optimizer):
         if len(sd['hypers']) != len(self.param_lists) or len(sd['state']) != n_params:
             raise ValueError(f"the saved state has {len(sd['hypers'])} param groups and {len(sd['state'])} parameters; "
                              f"this optimizer has {len(self.param_lists)} and {n_params}")
-        states, note = sd['state'], None
+        hypers = [self._own_state_bits(h, mine) for h, mine in zip(sd['hypers'], self.hypers)]
+        for h in hypers: check_hypers(self.checks, **h)
+        states, notes = self._lowbit_states(sd['state'], hypers)
         foreign = self._foreign_state_keys(states)
         if foreign and self.eightbit is None:
             raise ValueError(f"this optimizer is on the {self.path!r} path and cannot use the saved state keys "
                              f"{sorted(foreign)}: it has no 8-bit path to convert them from")
-        for h in sd['hypers']: check_hypers(self.checks, **h)
         if foreign:
             from fastxtend_optim.eightbit import convert_states
             states, note = convert_states(self, states)
+            notes.append(str(note))
         self._check_state_shapes(states)
-        super().load_state_dict({'state': states, 'hypers': L(dict(h) for h in sd['hypers'])})
-        if note: warnings.warn(note)
+        super().load_state_dict({'state': states, 'hypers': L(hypers)})
+        if notes:
+            from fastxtend_optim.eightbit import PathConversionWarning
+            warnings.warn(PathConversionWarning('; '.join(notes)))
+
+    @staticmethod
+    def _own_state_bits(saved:dict, mine:dict) -> dict:
+        "Saved hypers with this optimizer's `state_bits`: the loading optimizer chooses how its state is stored"
+        h = {k: v for k, v in saved.items() if k != 'state_bits'}
+        return {**h, 'state_bits': mine['state_bits']} if 'state_bits' in mine else h
+
+    def _lowbit_states(self, states:list[dict], hypers:list[dict]) -> tuple[list[dict], list[str]]:
+        """Saved `states` whose keys are stored in another format than this optimizer keeps (`lowbit`): decoded to the
+        weights' dtype now off the fused path; on the fused path a tensor's next step converts them. And what changed"""
+        spec, fused, out, moved = self.fused, self.path == 'fused', [], 0
+        unsigned, exact = (spec.unsigned, spec.exact) if spec is not None else ((), ())
+        pairs = [(local_tensor(p), h) for ps, h in zip(self.param_lists, hypers) for p in ps]
+        for (p, h), s in zip(pairs, states):
+            bits = tensor_state_bits(s, h, p.numel()) if fused and not p.is_complex() else 32
+            target, new = key_formats(bits, self.state_keys, unsigned, exact), dict(s)
+            for k, fmt in target.items():
+                saved = saved_format(s, k, p.numel(), fmt.signed)
+                if saved is None or saved == fmt: continue
+                moved += 1
+                if not fused:
+                    new.pop(absmax_key(k), None)
+                    new.update(as_format(s, k, p, saved, fmt))
+            out.append(new)
+        if not moved: return out, []
+        return out, [f"{moved} saved state tensors are stored in another format than this optimizer keeps (state_bits "
+                     f"{sorted({h.get('state_bits', 32) for h in hypers})} on the {self.path!r} path): " +
+                     ("each converts at its tensor's next step, within the quantizer's bound (see the lowbit notebook)"
+                      if fused else "decoded to the weights' dtype")]
 
     def _check_state_shapes(self, states):
         "Refuse saved state whose tensors are not shaped like their parameters (as real views for complex ones)"
@@ -449,6 +521,7 @@ class FXOptimizer(Optimizer):
             p = local_tensor(p)  # a sharded parameter's state is its shard's
             shape = torch.view_as_real(p).shape if p.is_complex() else p.shape
             for k in self.state_keys:
+                if absmax_key(k) in s: continue  # low-bit codes: `saved_format` checked them
                 if k in s and isinstance(s[k], Tensor) and s[k].shape != shape:
                     raise ValueError(f"saved state {k!r} of parameter {i} has shape {tuple(s[k].shape)}, "
                                      f"the parameter {tuple(shape)}")

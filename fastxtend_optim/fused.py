@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 import torch
 from torch import Tensor
-from .core import whole_norms, whole_sums_of, local_tensor, shard_group
+from .core import whole_norms, whole_sums_of, local_tensor, shard_group, tensor_bits
+from .lowbit import StateFormat, absmax_key, as_format, saved_format, encode_rows, decode_rows, key_formats
 
 # %% auto #0
-__all__ = ['BLOCK', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'Placement', 'FusedLayout', 'uncautious', 'fused_kernel',
-           'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step', 'compiled_or_eager']
+__all__ = ['BLOCK', 'LOWBIT_ROWS', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'Placement', 'FusedLayout', 'encode_scratch',
+           'uncautious', 'fused_kernel', 'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step',
+           'compiled_or_eager']
 
 # %% ../nbs/02_fused.ipynb #2f9b8bc9
 BLOCK = 256
@@ -27,6 +29,8 @@ class FusedSpec:
     update: Callable  # (p, g, **state, **scalars) -> {'p': new p, state key: new value}; element-wise torch ops
     scalars: Callable  # (hyper, FusedGroup) -> {name: float (group-wide), 1-D tensor (one per tensor) or bool}
     sums: Callable|None = None  # (p, g, **state, **scalars) -> {name: element-wise tensor}, summed per tensor first
+    unsigned: tuple = ()  # state keys that are never negative: the unsigned map at `state_bits` 8 and 4
+    exact: tuple = ()  # state keys that are not moments: kept in the weights' dtype at any `state_bits`
 
 @dataclass
 class FusedGroup:
@@ -103,27 +107,34 @@ class Placement:
 
 class FusedLayout:
     "One tensor group's weights, gradients and state in `(blocks, BLOCK)` buffers; each tensor is a view of its rows"
-    def __init__(self, params:list[Tensor], states:list[dict], state_keys:tuple, staged:bool=False):
+    def __init__(self, params:list[Tensor], states:list[dict], state_keys:tuple, staged:bool=False,
+                 formats:dict|None=None):
         self.params, self.state_keys, self._placed, self.staged = list(params), tuple(state_keys), None, staged
+        self.formats = {k: (formats or {}).get(k, StateFormat()) for k in self.state_keys}
+        self.codecs = tuple((k, f.bits, f.signed) for k, f in self.formats.items() if f.quantized)
         self.index = {id(p): i for i, p in enumerate(self.params)}
         counts = [_blocks(p) for p in self.params]
         self.starts = [0, *itertools.accumulate(counts)]
         p0 = self.params[0]
         self.block_member = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(p0.device)
-        self.bufs = {k: p0.new_zeros(self.starts[-1], BLOCK) for k in ('p', 'g', *self.state_keys)}
+        self.bufs = {k: p0.new_zeros(self.starts[-1], BLOCK) for k in ('p', 'g')}
+        for k, f in self.formats.items(): self.bufs.update({k + end: b for end, b in f.storage(self.starts[-1], p0).items()})
         self.views = {k: [self._view(k, i) for i in range(len(self.params))] for k in self.bufs}
         for i, (p, state) in enumerate(zip(self.params, states)):
             self.views['p'][i].copy_(p.detach())
             if not staged: p.data = self.views['p'][i]
-            self.sync(i, p, {k: v for k, v in state.items() if k in self.state_keys})
-            for k in self.state_keys:
-                if k in state: state[k] = self.views[k][i]
+            held = {k: v for k, v in state.items() if k in self.bufs}
+            self.sync(i, p, held)
+            for k in self.state_keys:  # lazy state stays lazy: only keys the state has become views
+                if k in state: self._hold(state, k, held[k], self._scales(k, i))
         self.ptrs = [p.data_ptr() for p in self.params]
 
     def _view(self, key:str, i:int) -> Tensor:
-        "Member `i`'s rows of buffer `key`; weights get a storage of their own, so that the model saves as before"
+        """Member `i`'s part of buffer `key`, shaped like it (weights in a storage of their own, so that the model saves
+        as before); 4-bit codes and block scales: its rows, flat"""
         buf, start, shape = self.bufs[key], self.starts[i] * BLOCK, self.params[i].shape
         if key == 'p': return own_storage_view(buf, start, shape)
+        if buf.shape[1] != BLOCK: return buf[self.starts[i]:self.starts[i + 1]].view(-1)
         return buf.view(-1)[start:start + math.prod(shape)].view(shape)
 
     def sync(self, i:int, p:Tensor, state:dict, grad:Tensor|None=None):
@@ -135,9 +146,42 @@ class FusedLayout:
         for k in self.state_keys:
             view, cur = self.views[k][i], state.get(k)
             if cur is view: continue
-            if cur is None: view.zero_()
-            else: view.copy_(cur)
-            state[k] = view
+            self._copy_in(i, k, state)
+            self._hold(state, k, view, self._scales(k, i))
+
+    def _copy_in(self, i:int, key:str, state:dict):
+        "Member `i`'s state `key` from `state` into the buffers, converted from whatever format it was saved in; or zero"
+        fmt, rows, p, scales = self.formats[key], slice(self.starts[i], self.starts[i + 1]), self.params[i], absmax_key(key)
+        if state.get(key) is None:
+            if fmt.quantized: self.bufs[key][rows].fill_(fmt.zero_code()); self.bufs[scales][rows].zero_()
+            else: self.views[key][i].zero_()
+            return
+        new = as_format(state, key, p, saved_format(state, key, p.numel(), fmt.signed), fmt)
+        self.views[key][i].copy_(new[key].reshape(self.views[key][i].shape))
+        if fmt.quantized: self.bufs[scales][rows].copy_(new[scales].view(rows.stop - rows.start, -1))
+
+    def _scales(self, key:str, i:int) -> Tensor|None:
+        "Member `i`'s view of the block scales of state `key`; `None` when not quantized"
+        return self.views[absmax_key(key)][i] if self.formats[key].quantized else None
+
+    @staticmethod
+    def _hold(state:dict, key:str, view:Tensor, scales:Tensor|None):
+        "Put a member's views of `key` (and of its block scales, when quantized) into its `state`"
+        state[key] = view
+        if scales is None: state.pop(absmax_key(key), None)
+        else: state[absmax_key(key)] = scales
+
+    def scratch(self, rows:int) -> dict[str, Tensor]:
+        "fp32 rows for the new values of each low-bit state key, made once"
+        if getattr(self, '_scratch', None) is None:
+            self._scratch = {k: self.bufs['p'].new_empty(rows, BLOCK, dtype=torch.float32) for k, *_ in self.codecs}
+        return self._scratch
+
+    def decoded(self, key:str, rows:slice) -> Tensor:
+        "Rows of state `key` as the kernel sees them: decoded from codes, or as stored"
+        fmt = self.formats.get(key)
+        if fmt is None or not fmt.quantized: return self.bufs[key][rows]
+        return decode_rows(self.bufs[key][rows], self.bufs[absmax_key(key)][rows], fmt.bits, fmt.signed)
 
     def holds(self, params:list[Tensor]) -> bool:
         "Whether every tensor of `params` is a member and every member's weights still view the buffer"
@@ -178,23 +222,35 @@ class FusedLayout:
 
 # %% ../nbs/02_fused.ipynb #bb13eae0
 def _kernel_inputs(bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor, vector_names:tuple,
-                   block_member:Tensor) -> tuple:
-    "The update's `p` (decayed), `g` (clipped, plus L2) and keywords: state, group-wide scalars, per-row vectors"
+                   block_member:Tensor, codecs:tuple=()) -> tuple:
+    """The update's `p` (decayed), `g` (clipped, plus L2) and keywords: state (low-bit state decoded), group-wide
+    scalars, per-row vectors. `codecs`: `(key, bits, signed)` of each low-bit state key"""
     s = dict(zip(scalar_names, scalars.unbind()))
     v = {k: vec[block_member][:, None] for k, vec in zip(vector_names, vectors.unbind())}
-    wide = {k: b.float() if b.element_size() < 4 else b for k, b in bufs.items()}  # fp16/bf16: math in fp32
+    decoded = {k: decode_rows(bufs[k], bufs[absmax_key(k)], bits, signed) for k, bits, signed in codecs}
+    scales = {absmax_key(k) for k, *_ in codecs}
+    wide = {k: decoded.get(k, b.float() if b.element_size() < 4 else b)  # fp16/bf16: math in fp32
+            for k, b in bufs.items() if k not in scales}
     g = wide['g'] * v.pop('grad_scale')
     if 'l2' in s: g = g + s.pop('l2') * wide['p']  # absent when 0: a pre-pass then need not read the weights
     state = {k: b for k, b in wide.items() if k not in ('p', 'g')}
     return wide['p'] * s.pop('p_scale'), g, {**state, **s, **v}
 
 def _fused_apply(update:Callable, bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor,
-                 vector_names:tuple, block_member:Tensor, consts:dict):
-    "Clip, decay and `update` rows of the buffers in place: `scalars` are group-wide, `vectors` hold one value per member"
-    p, g, kw = _kernel_inputs(bufs, scalars, scalar_names, vectors, vector_names, block_member)
+                 vector_names:tuple, block_member:Tensor, consts:dict, codecs:tuple=(), scratch:dict|None=None):
+    """Clip, decay and `update` rows of the buffers in place: `scalars` are group-wide, `vectors` hold one value per
+    member. Low-bit state is decoded before the update; its new values go to `scratch` (fp32 rows) for `encode_scratch`"""
+    p, g, kw = _kernel_inputs(bufs, scalars, scalar_names, vectors, vector_names, block_member, codecs)
     scale = kw.pop('cautious_scale', None)
     caution = uncautious if scale is None else partial(_cautious, scale=scale)
-    for k, new in update(p, g, **kw, **consts, caution=caution).items(): bufs[k].copy_(new)
+    for k, new in update(p, g, **kw, **consts, caution=caution).items(): (bufs if scratch is None or k not in scratch
+                                                                          else scratch)[k].copy_(new)
+
+def encode_scratch(bufs:dict, scratch:dict, codecs:tuple):
+    "Encode the new low-bit state in `scratch` into the buffers' codes and block scales"
+    for k, bits, signed in codecs:
+        codes, scales = encode_rows(scratch[k], bits, signed)
+        bufs[k].copy_(codes); bufs[absmax_key(k)].copy_(scales)
 
 def uncautious(u:Tensor, g:Tensor) -> Tensor:
     "The `caution` an update gets when `cautious` is off: `u` as it is"
@@ -202,9 +258,9 @@ def uncautious(u:Tensor, g:Tensor) -> Tensor:
 def _cautious(u:Tensor, g:Tensor, scale:Tensor) -> Tensor: return u * ((u * g > 0).to(u.dtype) * scale)
 
 def _fused_sums(update:Callable, bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor, vector_names:tuple,
-                block_member:Tensor, consts:dict, sums:Callable|None, cautious:bool) -> dict:
+                block_member:Tensor, consts:dict, codecs:tuple, sums:Callable|None, cautious:bool) -> dict:
     "Row sums of `sums`' expressions and, when `cautious`, of the mask the update's direction keeps (`kept`)"
-    p, g, kw = _kernel_inputs(bufs, scalars, scalar_names, vectors, vector_names, block_member)
+    p, g, kw = _kernel_inputs(bufs, scalars, scalar_names, vectors, vector_names, block_member, codecs)
     out = dict(sums(p, g, **kw, **consts)) if sums is not None else {}
     if cautious:
         def record(u, g): out['kept'] = u * g > 0; return u
@@ -241,9 +297,9 @@ def _compiler_missing(kind:str) -> str|None:
     return f'torch.compile builds no fused kernels for {kind!r} devices here'
 
 # %% ../nbs/02_fused.ipynb #afd41db6
-def tensor_key(opt, p:Tensor) -> tuple:
-    "The part of a tensor group's key that belongs to the tensor: device, dtype, fastai's `do_wd`, its shard group"
-    return (p.device, p.dtype, opt.state[p].get('do_wd', True), shard_group(p))
+def tensor_key(opt, p:Tensor, hyper:dict) -> tuple:
+    "The part of a tensor group's key that belongs to the tensor: device, dtype, fastai's `do_wd`, shard group, state bits"
+    return (p.device, p.dtype, opt.state[p].get('do_wd', True), shard_group(p), tensor_bits(opt, p, hyper))
 
 def group_layout(opt, group) -> FusedLayout:
     "`group`'s layout, rebuilt when it lacks a member or a member's weights moved (`model.to`, `p.data = ...`)"
@@ -254,10 +310,12 @@ def group_layout(opt, group) -> FusedLayout:
     owners = {id(local_tensor(p)): p for p in opt.param_lists[group.key[0]]}  # local shard -> its parameter
     if old is not None:
         if not old.staged and any(p.data_ptr() != q for p, q in zip(old.params, old.ptrs)): _warn_moved(opt)
-        members |= {id(p) for p in old.params if id(p) in owners and tensor_key(opt, owners[id(p)]) == group.key[1:]}
+        hyper = opt.hypers[group.key[0]]
+        members |= {id(p) for p in old.params if id(p) in owners and tensor_key(opt, owners[id(p)], hyper) == group.key[1:]}
     params = [p for p in map(local_tensor, opt.param_lists[group.key[0]]) if id(p) in members]
     states = [opt.state[owners[id(p)]] for p in params]
-    layouts[group.key] = FusedLayout(params, states, opt.state_keys, staged=group.shard_group is not None)
+    formats = key_formats(group.state_bits, opt.state_keys, opt.fused.unsigned, opt.fused.exact)
+    layouts[group.key] = FusedLayout(params, states, opt.state_keys, staged=group.shard_group is not None, formats=formats)
     return layouts[group.key]
 
 def _warn_moved(opt):
@@ -272,10 +330,11 @@ def _pack(values:list, device, width:int|None=None) -> Tensor:
     return torch.stack([v.to(device=device, dtype=torch.float32) for v in values]) if values else \
         torch.zeros(0, width, device=device)
 
-def fused_step(opt, group, grad_scales:list[Tensor]|None) -> bool:
-    "Step `group` on the fused path, one compiled kernel per run of consecutive members; `False` if it cannot compile"
+def fused_step(opt, group, grad_scales:list[Tensor]|None, eager:bool=False) -> bool:
+    """Step `group` on the fused path, one compiled kernel per run of consecutive members; `False` if it cannot compile,
+    unless `eager`: then the same math runs uncompiled"""
     device = group.params[0].device
-    if fused_unavailable(device) is not None: return False
+    if fused_unavailable(device) is not None and not eager: return False
     layout = group_layout(opt, group)
     place = layout.place(group.params)
     layout.sync_all(place, group.grads, group.states)
@@ -304,12 +363,30 @@ def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *e
     per_member[:, place.members] = _pack([named[k] for k in vnames], device, len(place.index))
     args = (_pack([float(named[k]) for k in snames], device), snames, per_member, vnames)
     update, kernel, out = opt.fused.update, fused_kernel(opt.fused.update, body), []
+    lowbit = body is _fused_apply and layout.codecs
     for a, b in place.runs:
-        rows = slice(layout.starts[a], layout.starts[b])
-        bufs = {k: buf[rows] for k, buf in layout.bufs.items()}
-        call = (update, bufs, *args, layout.block_member[rows], consts, *extra)
-        out.append(compiled_or_eager(kernel, body, rows.stop - rows.start, device, *call))
+        for rows in _chunks(layout.starts[a], layout.starts[b], LOWBIT_ROWS if lowbit else None):
+            bufs = {k: buf[rows] for k, buf in layout.bufs.items()}
+            scratch = {k: s[:rows.stop - rows.start] for k, s in layout.scratch(LOWBIT_ROWS).items()} if lowbit else None
+            call = (update, bufs, *args, layout.block_member[rows], consts, layout.codecs, *extra)
+            tail = (scratch,) if body is _fused_apply else ()
+            out.append(compiled_or_eager(kernel, body, rows.stop - rows.start, device, *call, *tail))
+            if lowbit: compiled_or_eager(_encoder(), encode_scratch, rows.stop - rows.start, device, bufs, scratch,
+                                         layout.codecs)
     return out
+
+LOWBIT_ROWS = 2048  # rows a low-bit step updates into fp32 scratch, then encodes: 2 MiB per state key, in cache
+
+def _chunks(start:int, stop:int, size:int|None) -> list[slice]:
+    "`[start, stop)` in slices of at most `size` (one slice when `None`)"
+    if size is None: return [slice(start, stop)]
+    return [slice(a, min(a + size, stop)) for a in range(start, stop, size)]
+
+_ENCODER = []
+def _encoder() -> Callable:
+    "`encode_scratch`, compiled once"
+    if not _ENCODER: _ENCODER.append(torch.compile(encode_scratch, dynamic=True))
+    return _ENCODER[0]
 
 def _member_sums(opt, layout:FusedLayout, place:Placement, named:dict, cautious:bool) -> dict:
     "Per-tensor vectors from a pre-pass: `FusedSpec.sums`' totals with `numel`, and the cautious rescale factor"

@@ -128,7 +128,7 @@ def lamb_direction_norms(h:dict, group, debias1:Tensor, debias2:Tensor) -> Tenso
     for a, b in group.runs:
         rows = slice(layout.starts[a], layout.starts[b])
         member = layout.block_member[rows]
-        bufs = [layout.bufs[k][rows] for k in ('g', 'grad_avg', 'sqr_avg', 'p')]
+        bufs = [layout.decoded(k, rows) for k in ('g', 'grad_avg', 'sqr_avg', 'p')]
         row_sq = compiled_or_eager(_compiled_sq_rows(), _direction_sq_rows, rows.stop - rows.start, dev, *bufs,
                                    per[:, member], consts)
         sq.index_add_(0, member, row_sq)
@@ -150,18 +150,18 @@ def lamb_scalars(h:dict, group) -> dict:
     return dict(mom=mom, mom_c=1 - mom, sqr_mom=sqr_mom, sqr_mom_c=1 - sqr_mom, eps=h['eps'], debias1=debias1,
                 debias2=debias2, neg_lr=-h['lr'] * q)
 
-LAMB_FUSED = FusedSpec(lamb_update, lamb_scalars)
+LAMB_FUSED = FusedSpec(lamb_update, lamb_scalars, unsigned=('sqr_avg',))
 
 # %% ../nbs/18_lamb.ipynb #82f0a28e
 LAMB_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, percentile_clipping=percentile_range)
 
 def Lamb(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0., decouple_wd:bool=True,
-         foreach:bool|None=None, fused:bool=False, eightbit:bool=False, percentile_clipping:float=100,
+         foreach:bool|None=None, fused:bool=False, state_bits:int=32, eightbit:bool=False, percentile_clipping:float=100,
          **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for LAMB on the native, ForEach, fused or bitsandbytes path"
     return FXOptimizer(params, [lamb_step], lamb_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
                        path=select_path(foreach, eightbit, fused), checks=LAMB_CHECKS, eightbit=LAMB_8BIT,
                        eightbit_args=eightbit_args(eightbit, LAMB_CHECKS, **eightbitargs), fused=LAMB_FUSED, lr=lr, mom=mom,
-                       sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd, percentile_clipping=percentile_clipping)
+                       sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd, percentile_clipping=percentile_clipping, state_bits=state_bits)
 
 lamb = opt_partial(Lamb)

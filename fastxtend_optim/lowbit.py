@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['STATE_BITS', 'MIN_LOWBIT_NUMEL', 'state_bits_value', 'dynamic_encode', 'dynamic_decode', 'StateFormat',
-           'tensor_state_bits', 'key_formats', 'absmax_key', 'saved_format', 'decode_saved', 'encode_values',
-           'as_format']
+__all__ = ['STATE_BITS', 'MIN_LOWBIT_NUMEL', 'state_bits_value', 'dynamic_encode', 'dynamic_decode', 'encode_rows', 'decode_rows',
+           'StateFormat', 'tensor_state_bits', 'key_formats', 'absmax_key', 'saved_format', 'decode_saved',
+           'encode_values', 'as_format']
 
 # %% ../nbs/04_lowbit.ipynb #55104c9f
 STATE_BITS = (32, 16, 8, 4)
@@ -63,7 +63,25 @@ def dynamic_decode(idx:Tensor, decades:int, signed:bool) -> Tensor:
     v = torch.where(r < 0, 0., torch.where(r >= top, 1., v))
     return torch.where(i < zero, -v, v) if signed else v
 
-# %% ../nbs/04_lowbit.ipynb #c3a5ee79
+# %% ../nbs/04_lowbit.ipynb #e93edae0
+def encode_rows(x:Tensor, bits:int, signed:bool, absmax:Tensor|None=None) -> tuple[Tensor, Tensor]:
+    "Rows `x` (`(rows, 256)`, fp32) as 8- or 4-bit uint8 codes, and fp32 scales `(rows, blocks per row)`: each block's absmax unless given"
+    block = 256 if bits == 8 else 128
+    blocks = x.reshape(x.shape[0], -1, block)
+    absmax = blocks.abs().amax(-1) if absmax is None else absmax.reshape(blocks.shape[:2])
+    y = blocks * torch.where(absmax > 0, absmax, 1.).reciprocal()[..., None]
+    if bits == 8: return dynamic_encode(y, 7, signed).to(torch.uint8).reshape(x.shape), absmax
+    idx = (dynamic_encode(y, 3, True) if signed else (y * 16 + 0.5).floor().clamp(1, 16) - 1).to(torch.uint8)
+    return idx[:, 0] | (idx[:, 1] << 4), absmax  # byte j: element j (low nibble) and element 128 + j of the row
+
+def decode_rows(codes:Tensor, absmax:Tensor, bits:int, signed:bool) -> Tensor:
+    "fp32 rows `(rows, 256)` from `encode_rows`' codes and scales"
+    rows = codes.shape[0]
+    if bits == 8: return dynamic_decode(codes, 7, signed) * absmax
+    idx = torch.stack([codes & 15, codes >> 4], 1)  # (rows, 2 blocks, 128)
+    v = dynamic_decode(idx, 3, True) if signed else (idx.float() + 1) / 16
+    return (v * absmax[..., None]).reshape(rows, 256)
+
 @dataclass(frozen=True)
 class StateFormat:
     "How one state key of one tensor is stored in a fused layout: `bits` per element, and a signed or unsigned map"
@@ -93,21 +111,11 @@ class StateFormat:
 
     def encode(self, x:Tensor, absmax:Tensor|None=None) -> tuple[Tensor, Tensor]:
         "Rows `x` (`(rows, 256)`, fp32) as uint8 codes and fp32 scales `(rows, blocks per row)`: each block's absmax unless given"
-        blocks = x.reshape(x.shape[0], -1, self.block)
-        absmax = blocks.abs().amax(-1) if absmax is None else absmax.reshape(blocks.shape[:2])
-        y = blocks * torch.where(absmax > 0, absmax, 1.).reciprocal()[..., None]
-        if self.bits == 8: return dynamic_encode(y, 7, self.signed).to(torch.uint8).reshape(x.shape), absmax
-        idx = dynamic_encode(y, 3, True) if self.signed else (y * 16 + 0.5).floor().clamp(1, 16) - 1
-        pairs = idx.to(torch.uint8).reshape(x.shape[0], -1, 2)
-        return pairs[..., 0] | (pairs[..., 1] << 4), absmax
+        return encode_rows(x, self.bits, self.signed, absmax)
 
     def decode(self, codes:Tensor, absmax:Tensor) -> Tensor:
-        "fp32 rows `(rows, 256)` from `encode`'s codes and absmax"
-        rows = codes.shape[0]
-        if self.bits == 8: return dynamic_decode(codes, 7, self.signed) * absmax
-        idx = torch.stack([codes & 15, codes >> 4], -1).reshape(rows, -1, self.block)
-        v = dynamic_decode(idx, 3, True) if self.signed else (idx.float() + 1) / 16
-        return (v * absmax[..., None]).reshape(rows, 256)
+        "fp32 rows `(rows, 256)` from `encode`'s codes and scales"
+        return decode_rows(codes, absmax, self.bits, self.signed)
 
     def bytes_per_element(self, element_size:int=4) -> float:
         "State bytes per element and key, scales included"

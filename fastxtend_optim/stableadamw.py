@@ -119,20 +119,20 @@ def stableadamw_scalars(h:dict, group) -> dict:
     return dict(mom_w=mom_w, sqr_hat=sqr_hat, sqr_w=1 - sqr_hat, eps=eps, eps2=max(eps * eps, _TINY), lr=h['lr'],
                 wd=h['wd'])
 
-STABLEADAMW_FUSED = FusedSpec(stableadamw_update, stableadamw_scalars, sums=stableadamw_sums)
+STABLEADAMW_FUSED = FusedSpec(stableadamw_update, stableadamw_scalars, sums=stableadamw_sums, unsigned=('sqr_avg',))
 STABLEADAMW_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, cautious=boolean,
                           percentile_clipping=percentile_range)
 
 # %% ../nbs/22_stableadamw.ipynb #319e8486
 def StableAdamW(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-6, wd:float=0.01,
-                cautious:bool=False, foreach:bool|None=None, fused:bool=False, eightbit:bool=False,
+                cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32, eightbit:bool=False,
                 percentile_clipping:float=100, **kwargs) -> FXOptimizer:
     "A fastai `Optimizer` for StableAdamW (optionally Cautious) on the native, ForEach or fused path"
     no_eightbit('StableAdamW', eightbit, kwargs, STABLEADAMW_CHECKS)
     return FXOptimizer(params, [stableadamw_step], stableadamw_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
                        path=select_path(foreach, False, fused), checks=STABLEADAMW_CHECKS, fused=STABLEADAMW_FUSED,
                        own_decay=True, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, cautious=cautious,
-                       percentile_clipping=percentile_clipping)
+                       percentile_clipping=percentile_clipping, state_bits=state_bits)
 
 # %% ../nbs/22_stableadamw.ipynb #954a187a
 stableadamw = opt_partial(StableAdamW)
