@@ -415,7 +415,7 @@ class FXOptimizer(Optimizer):
         if fused_step(self, group, scales, eager=getattr(self, '_fused_eager', False)): return True
         device = group.params[0].device
         lowbit = any(tensor_bits(self, p, h) != 32 for ps, h in zip(self.param_lists, self.hypers) for p in ps)
-        warnings.warn(f"the fused path cannot compile on {device.type}: {fused_unavailable(device)}. " +
+        warnings.warn(f"the fused path cannot run on {device.type}: {fused_unavailable(device)}. " +
                       ("Its low-bit state steps with the same math, eagerly (slower)." if lowbit else
                        "This optimizer takes the ForEach path instead."))
         if lowbit:
@@ -502,7 +502,7 @@ class FXOptimizer(Optimizer):
             target, new = key_formats(bits, self.state_keys, unsigned, exact), dict(s)
             for k, fmt in target.items():
                 saved = saved_format(s, k, p.numel(), fmt.signed)
-                if saved is None or saved == fmt: continue
+                if saved is None or saved == fmt or p.numel() == 0: continue  # an empty shard has no format to change
                 moved += 1
                 if not fused:
                     new.pop(absmax_key(k), None)

@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 from .core import local_tensor
 from .eightbit import PathConversionWarning, eightbit_to_fp32, check_target_keys
+from .lowbit import decode_state
 try: from fastai.distributed import DistributedDL  # needs accelerate, as fastai's DDP does
 except ImportError: DistributedDL = None
 
@@ -55,15 +56,18 @@ def _params(opt) -> list[Tensor]: return [p for p, *_ in opt.all_params()]
 
 def sharded_state_dict(opt) -> dict:
     """`opt`'s state for `torch.distributed.checkpoint`: nested dicts in which each sharded parameter's per-element
-    state is a `DTensor` placed like the parameter, and 8-bit state is dequantized to fp32 (exactly)"""
+    state is a `DTensor` placed like the parameter, and 8-bit state (bitsandbytes' or `state_bits`') is decoded to
+    fp32 (exactly: blocks cannot be re-sliced across ranks)"""
     sd, params, keys = opt.state_dict(), _params(opt), elementwise_keys(opt)
-    states = {}
+    states, unsigned = {}, opt.fused.unsigned if opt.fused is not None else ()
     for i, (p, s) in enumerate(zip(params, sd['state'])):
         if 'state1' in s: s, _ = eightbit_to_fp32(local_tensor(p), s, opt.eightbit, i, dtype=torch.float32)
+        s = decode_state(s, opt.state_keys, local_tensor(p), unsigned)
         states[str(i)] = {k: _laid_out_like(p, v) if k in keys and isinstance(v, Tensor) else v for k, v in s.items()}
     rest = {k: v for k, v in sd.items() if k not in ('state', 'hypers')}  # Lookahead's count, Schedule-Free's mode
     args = opt.eightbit_args if opt.path == 'eightbit' else None
-    saved_by = dict(path=opt.path, params=len(params), quantizer=[args.optim_bits, args.min_8bit_size] if args else [])
+    saved_by = dict(path=opt.path, params=len(params), quantizer=[args.optim_bits, args.min_8bit_size] if args else [],
+                    state_bits=_state_bits(opt))
     return {**rest, 'state': states, 'hypers': {str(i): h for i, h in enumerate(sd['hypers'])}, 'saved_by': saved_by}
 
 # %% ../nbs/03_distributed.ipynb #11f24214
@@ -118,6 +122,7 @@ def _take_dequantized(opt, sd:dict) -> PathConversionWarning:
                                  f"fp32): the {opt.path!r} path takes it as its fp32 state")
 
 def _quantizer(opt) -> list: return [opt.eightbit_args.optim_bits, opt.eightbit_args.min_8bit_size]
+def _state_bits(opt) -> list: return [h.get('state_bits', 32) for h in opt.hypers]
 
 def _dcp_load(state_dict:dict, checkpoint_id, storage_reader):
     "`dcp.load`, in one process when no process group is up (without torch's warning that it assumes so)"
@@ -140,5 +145,7 @@ def load_sharded_state_dict(opt, checkpoint_id=None, key:str|None='optim', stora
     with warnings.catch_warnings():
         if from_8bit and opt.path == 'eightbit' and saved_by.get('quantizer') == _quantizer(opt):
             warnings.simplefilter('ignore', PathConversionWarning)  # its own state, quantized as it was
+        if saved_by['path'] == opt.path == 'fused' and saved_by.get('state_bits') == _state_bits(opt):
+            warnings.simplefilter('ignore', PathConversionWarning)  # its own low-bit state, decoded for the checkpoint
         opt.load_state_dict(sd)
     if note: warnings.warn(note)

@@ -123,7 +123,7 @@ class FusedLayout:
         for i, (p, state) in enumerate(zip(self.params, states)):
             self.views['p'][i].copy_(p.detach())
             if not staged: p.data = self.views['p'][i]
-            held = {k: v for k, v in state.items() if k in self.bufs}
+            held = {k: v for k, v in state.items() if k.removesuffix('_absmax') in self.bufs}  # any format's scales too
             self.sync(i, p, held)
             for k in self.state_keys:  # lazy state stays lazy: only keys the state has become views
                 if k in state: self._hold(state, k, held[k], self._scales(k, i))
@@ -158,7 +158,7 @@ class FusedLayout:
             return
         new = as_format(state, key, p, saved_format(state, key, p.numel(), fmt.signed), fmt)
         self.views[key][i].copy_(new[key].reshape(self.views[key][i].shape))
-        if fmt.quantized: self.bufs[scales][rows].copy_(new[scales].view(rows.stop - rows.start, -1))
+        if fmt.quantized: self.bufs[scales][rows].copy_(new[scales].view_as(self.bufs[scales][rows]))
 
     def _scales(self, key:str, i:int) -> Tensor|None:
         "Member `i`'s view of the block scales of state `key`; `None` when not quantized"
@@ -268,13 +268,15 @@ def _fused_sums(update:Callable, bufs:dict, scalars:Tensor, scalar_names:tuple, 
     return {k: x.sum(dim=1, dtype=torch.float32) for k, x in out.items()}
 
 _KERNELS = {}
-def fused_kernel(update:Callable, body:Callable=_fused_apply) -> Callable:
-    "`body` (`_fused_apply`) compiled for `update`, once per process, as its own code object with its own cache"
-    if (update, body) not in _KERNELS:
-        name = f"{body.__name__.strip('_')}_{getattr(update, '__name__', 'update')}"
+def fused_kernel(update:Callable, body:Callable=_fused_apply, codecs:tuple=()) -> Callable:
+    """`body` (`_fused_apply`) compiled for `update` and the low-bit `codecs`, once per process, as its own code object
+    with its own cache (so that each state format's variants, per dtype, stay under dynamo's recompile limit)"""
+    if (update, body, codecs) not in _KERNELS:
+        bits = sorted({b for _, b, _ in codecs})
+        name = f"{body.__name__.strip('_')}_{getattr(update, '__name__', 'update')}" + ''.join(f'_{b}bit' for b in bits)
         fn = types.FunctionType(body.__code__.replace(co_name=name), body.__globals__, name)
-        _KERNELS[update, body] = torch.compile(fn, dynamic=True)
-    return _KERNELS[update, body]
+        _KERNELS[update, body, codecs] = torch.compile(fn, dynamic=True)
+    return _KERNELS[update, body, codecs]
 
 # %% ../nbs/02_fused.ipynb #002b069d
 _UNAVAILABLE = {}
@@ -362,7 +364,7 @@ def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *e
     per_member = torch.ones(len(vnames), max(2, len(layout.params)), device=device)  # 2+: no size-1 specialisation
     per_member[:, place.members] = _pack([named[k] for k in vnames], device, len(place.index))
     args = (_pack([float(named[k]) for k in snames], device), snames, per_member, vnames)
-    update, kernel, out = opt.fused.update, fused_kernel(opt.fused.update, body), []
+    update, kernel, out = opt.fused.update, fused_kernel(opt.fused.update, body, layout.codecs), []
     lowbit = body is _fused_apply and layout.codecs
     for a, b in place.runs:
         for rows in _chunks(layout.starts[a], layout.starts[b], LOWBIT_ROWS if lowbit else None):

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['STATE_BITS', 'MIN_LOWBIT_NUMEL', 'state_bits_value', 'dynamic_encode', 'dynamic_decode', 'encode_rows', 'decode_rows',
-           'StateFormat', 'tensor_state_bits', 'key_formats', 'absmax_key', 'saved_format', 'decode_saved',
-           'encode_values', 'as_format']
+__all__ = ['STATE_BITS', 'MIN_LOWBIT_NUMEL', 'state_bits_value', 'dynamic_encode', 'dynamic_decode', 'map_values', 'encode_rows',
+           'decode_rows', 'StateFormat', 'tensor_state_bits', 'key_formats', 'absmax_key', 'saved_format',
+           'decode_saved', 'encode_values', 'as_format', 'decode_state']
 
 # %% ../nbs/04_lowbit.ipynb #55104c9f
 STATE_BITS = (32, 16, 8, 4)
@@ -63,24 +63,40 @@ def dynamic_decode(idx:Tensor, decades:int, signed:bool) -> Tensor:
     v = torch.where(r < 0, 0., torch.where(r >= top, 1., v))
     return torch.where(i < zero, -v, v) if signed else v
 
-# %% ../nbs/04_lowbit.ipynb #e93edae0
+# %% ../nbs/04_lowbit.ipynb #4d8b030d
+_MAPS = {}
+def map_values(bits:int, signed:bool) -> Tensor:
+    "The map's values in code order, in fp32: bitsandbytes' dynamic maps (7 decades at 8 bits, 3 at 4), or 4-bit linear"
+    if (bits, signed) not in _MAPS:
+        if bits == 4 and not signed: _MAPS[bits, signed] = (torch.arange(16) + 1) / 16.
+        else:
+            decades, values = (7 if bits == 8 else 3), [0., 1.]
+            for i in range(decades):
+                edges = torch.linspace(0.1, 1, (2 ** i if signed else 2 ** (i + 1)) + 1)
+                mids = (edges[:-1] + edges[1:]) / 2.0
+                values += (10 ** (i - decades + 1) * mids).tolist() + ((-(10 ** (i - decades + 1)) * mids).tolist() if signed else [])
+            _MAPS[bits, signed] = torch.tensor(sorted(values))
+    return _MAPS[bits, signed]
+
+# %% ../nbs/04_lowbit.ipynb #16c07881
 def encode_rows(x:Tensor, bits:int, signed:bool, absmax:Tensor|None=None) -> tuple[Tensor, Tensor]:
     "Rows `x` (`(rows, 256)`, fp32) as 8- or 4-bit uint8 codes, and fp32 scales `(rows, blocks per row)`: each block's absmax unless given"
     block = 256 if bits == 8 else 128
-    blocks = x.reshape(x.shape[0], -1, block)
+    blocks = x.reshape(x.shape[0], 256 // block, block)
     absmax = blocks.abs().amax(-1) if absmax is None else absmax.reshape(blocks.shape[:2])
     y = blocks * torch.where(absmax > 0, absmax, 1.).reciprocal()[..., None]
     if bits == 8: return dynamic_encode(y, 7, signed).to(torch.uint8).reshape(x.shape), absmax
     idx = (dynamic_encode(y, 3, True) if signed else (y * 16 + 0.5).floor().clamp(1, 16) - 1).to(torch.uint8)
     return idx[:, 0] | (idx[:, 1] << 4), absmax  # byte j: element j (low nibble) and element 128 + j of the row
 
-def decode_rows(codes:Tensor, absmax:Tensor, bits:int, signed:bool) -> Tensor:
-    "fp32 rows `(rows, 256)` from `encode_rows`' codes and scales"
+def decode_rows(codes:Tensor, absmax:Tensor, bits:int, signed:bool, exact:bool=False) -> Tensor:
+    "fp32 rows `(rows, 256)` from `encode_rows`' codes and scales; `exact`: the map's own values (a table lookup)"
     rows = codes.shape[0]
-    if bits == 8: return dynamic_decode(codes, 7, signed) * absmax
-    idx = torch.stack([codes & 15, codes >> 4], 1)  # (rows, 2 blocks, 128)
-    v = dynamic_decode(idx, 3, True) if signed else (idx.float() + 1) / 16
-    return (v * absmax[..., None]).reshape(rows, 256)
+    idx = codes if bits == 8 else torch.stack([codes & 15, codes >> 4], 1)  # 4 bits: (rows, 2 blocks, 128)
+    if exact: v = map_values(bits, signed).to(codes.device)[idx.long()]
+    elif bits == 8: v = dynamic_decode(idx, 7, signed)
+    else: v = dynamic_decode(idx, 3, True) if signed else (idx.float() + 1) / 16
+    return (v * (absmax if bits == 8 else absmax[..., None])).reshape(rows, 256)
 
 @dataclass(frozen=True)
 class StateFormat:
@@ -113,16 +129,16 @@ class StateFormat:
         "Rows `x` (`(rows, 256)`, fp32) as uint8 codes and fp32 scales `(rows, blocks per row)`: each block's absmax unless given"
         return encode_rows(x, self.bits, self.signed, absmax)
 
-    def decode(self, codes:Tensor, absmax:Tensor) -> Tensor:
-        "fp32 rows `(rows, 256)` from `encode`'s codes and scales"
-        return decode_rows(codes, absmax, self.bits, self.signed)
+    def decode(self, codes:Tensor, absmax:Tensor, exact:bool=True) -> Tensor:
+        "fp32 rows `(rows, 256)` from `encode`'s codes and scales, with the map's own values unless not `exact`"
+        return decode_rows(codes, absmax, self.bits, self.signed, exact)
 
     def bytes_per_element(self, element_size:int=4) -> float:
         "State bytes per element and key, scales included"
         if not self.quantized: return element_size if self.bits == 32 else 2
         return self.bits / 8 + 4 / self.block
 
-# %% ../nbs/04_lowbit.ipynb #0080710d
+# %% ../nbs/04_lowbit.ipynb #4cadc885
 def tensor_state_bits(state:dict, hyper:dict, numel:int) -> int:
     "The state bits of a tensor with `state` and `numel` elements, in a param group with `hyper`"
     if 'state_bits' in state: return state['state_bits']
@@ -133,7 +149,7 @@ def key_formats(bits:int, state_keys:tuple, unsigned:tuple=(), exact:tuple=()) -
     "Each state key's `StateFormat` at `bits`: `exact` keys keep the weights' dtype, `unsigned` keys the unsigned map"
     return {k: StateFormat(32 if k in exact else bits, k not in unsigned) for k in state_keys}
 
-# %% ../nbs/04_lowbit.ipynb #dcfefd4c
+# %% ../nbs/04_lowbit.ipynb #73c6bb8a
 def absmax_key(key:str) -> str: return f'{key}_absmax'
 
 def _rows(numel:int) -> int: return math.ceil(numel / 256)
@@ -157,34 +173,39 @@ def decode_saved(state:dict, key:str, p:Tensor, fmt:StateFormat) -> Tensor:
     rows, numel = _rows(p.numel()), p.numel()
     codes = t.reshape(-1).to(p.device)
     if fmt.bits == 8: codes = torch.cat([codes, codes.new_full((rows * 256 - numel,), fmt.zero_code())])
-    scales = state[absmax_key(key)].to(p.device, torch.float32).reshape(rows, -1)
-    return fmt.decode(codes.reshape(rows, -1), scales).reshape(-1)[:numel].reshape(p.shape)
+    scales = state[absmax_key(key)].to(p.device, torch.float32).reshape(rows, 256 // fmt.block)
+    return fmt.decode(codes.reshape(rows, fmt.bits * 32), scales).reshape(-1)[:numel].reshape(p.shape)
 
 def encode_values(x:Tensor, fmt:StateFormat) -> tuple[Tensor, Tensor]:
     """Values `x` as `fmt`'s saved codes (8 bits: shaped like `x`; 4 bits: flat rows) and block scales. Values
-    decoded from codes get the same codes back: a signed block whose largest magnitude is negative was scaled by
-    |that value| / |the map's last negative code|, and that scale is recovered where it reproduces the block exactly"""
+    decoded from codes get the same codes back: a block whose largest element was not stored at 1 (the signed maps
+    have no -1; bitsandbytes' CPU rounding sometimes takes the code below) has its scale recovered, wherever that
+    scale reproduces the block exactly"""
     numel, rows = x.numel(), _rows(x.numel())
     padded = x.new_zeros(rows * 256, dtype=torch.float32)
     padded[:numel] = x.reshape(-1)
     padded = padded.view(rows, 256)
     codes, scales = fmt.encode(padded)
-    if fmt.signed:
-        last = dynamic_decode(torch.zeros(1), 7 if fmt.bits == 8 else 3, True).abs()  # the map's last negative code
-        guess = (scales.double() / last.double()).float()
+    for top in _largest_codes(fmt):  # the value the block's largest element was stored as: absmax = |x| / top
+        guess = (scales.double() / top).float()
         for scale in (guess, torch.nextafter(guess, torch.zeros_like(guess)), torch.nextafter(guess, guess + 1)):
             exact = _exact_blocks(fmt, padded, codes, scales)
-            c, s = fmt.encode(padded, torch.where(exact, scales, scale))
-            redo = ~exact & _exact_blocks(fmt, padded, c, s)
-            codes = torch.where(redo.repeat_interleave(codes.shape[1] // redo.shape[1], 1), c, codes)
-            scales = torch.where(redo, s, scales)
+            if exact.all(): break
+            trial = torch.where(exact, scales, scale)
+            scales = torch.where(_exact_blocks(fmt, padded, *fmt.encode(padded, trial)), trial, scales)
+            codes = fmt.encode(padded, scales)[0]
     codes = codes.reshape(-1)[:numel].reshape(x.shape) if fmt.bits == 8 else codes.reshape(-1)
     return codes, scales.reshape(-1)
+
+def _largest_codes(fmt:StateFormat, n:int=3) -> list[float]:
+    "The `n` largest magnitudes below 1 in `fmt`'s map (a block's largest element is stored at one of them, or 1)"
+    values = map_values(fmt.bits, fmt.signed).abs().double()
+    return sorted(set(values[values < 1].tolist()), reverse=True)[:n]
 
 def _exact_blocks(fmt:StateFormat, rows:Tensor, codes:Tensor, scales:Tensor) -> Tensor:
     "Which blocks `codes` and `scales` decode to `rows` exactly, shaped like `scales`"
     same = fmt.decode(codes, scales) == rows
-    return same.reshape(*scales.shape, -1).all(-1)
+    return same.reshape(*scales.shape, fmt.block).all(-1)
 
 def as_format(state:dict, key:str, p:Tensor, saved:StateFormat, target:StateFormat) -> dict:
     "`state[key]` (and its scales) converted from `saved` to `target`, as new entries for the state dict"
@@ -195,3 +216,14 @@ def as_format(state:dict, key:str, p:Tensor, saved:StateFormat, target:StateForm
         return {key: x.to(device=p.device, dtype=dtype, copy=True).reshape(p.shape)}
     codes, scales = encode_values(x.to(p.device, torch.float32), target)
     return {key: codes, absmax_key(key): scales}
+
+# %% ../nbs/04_lowbit.ipynb #1552c206
+def decode_state(state:dict, keys, p:Tensor, unsigned=()) -> dict:
+    "`state` with each of `keys` that is stored in 16, 8 or 4 bits decoded to fp32 values shaped like `p` (scales dropped)"
+    out = dict(state)
+    for k in keys:
+        fmt = saved_format(state, k, p.numel(), k not in unsigned)
+        if fmt is None or fmt.bits == 32: continue
+        out.pop(absmax_key(k), None)
+        out[k] = decode_saved(state, k, p, fmt).float().reshape(p.shape)
+    return out

@@ -15,6 +15,8 @@ STEPS, BATCH = 20, 16
 PATH_KW = dict(native=dict(foreach=False), foreach=dict(foreach=True), fused=dict(fused=True),
                eightbit=dict(eightbit=True, min_8bit_size=0),  # quantize every tensor: sharding moves the blocks
                eightbit32=dict(eightbit=True, optim_bits=32))
+LOWBIT_KW = dict(fused8=dict(fused=True, state_bits=8), fused4=dict(fused=True, state_bits=4))  # every tensor quantized
+LOWBIT_CASES = [(n, p) for n in ('adam', 'lion', 'lamb', 'stableadamw', 'adan', 'muon') for p in LOWBIT_KW]
 CASE_KWARGS = {  # what each optimizer runs with: decay, and the options that need whole-tensor math
     'lion': dict(wd=0.1, cautious=True), 'adam': dict(wd=0.01, percentile_clipping=90), 'lars': dict(clip=True, wd=0.01),
     'sgd': dict(mom=0.9, wd=0.01), 'rmsprop': dict(wd=0.01), 'adagrad': dict(wd=0.01), 'radam': dict(wd=0.01),
@@ -35,12 +37,13 @@ def make_model(seed:int=0) -> nn.Sequential:
 
 
 def make_opt(name:str, path:str, model:nn.Module, lr_scale:float=1., **extra):
-    spec, kw = OPTIMIZERS[name], dict(CASE_KWARGS[name], **PATH_KW[path], **extra)
+    spec, kw = OPTIMIZERS[name], dict(CASE_KWARGS[name], **{**PATH_KW, **LOWBIT_KW}[path], **extra)
     if kw.get('eightbit'): kw.pop('cautious', None)  # bitsandbytes' kernels cannot mask
     layers = [m for m in model if isinstance(m, nn.Linear)]
     groups = [[p for m in layers[:-1] for p in m.parameters()], list(layers[-1].parameters())]
     opt = spec['opt'](groups, lr=spec['lr'] * lr_scale / 10, **kw)
     for p in (m.bias for m in layers): opt.state[p]['do_wd'] = False
+    if kw.get('state_bits', 32) != 32: opt.set_state_bits(model.parameters(), kw['state_bits'])  # tiny tensors too
     return opt
 
 
@@ -328,6 +331,8 @@ def main(mode:str, out:str):
         results.update({('all_reduces', n, p): guarded(all_reduces_per_step, n, p) for n, p in cases()})
         results['finite'] = guarded(finite_flags)
         results.update({('wide', n): guarded(wide_case, n, True, **kw) for n, kw in WIDE_CASES})
+        results.update({(n, p): guarded(run_case, n, p, True) for n, p in LOWBIT_CASES})
+        results.update({('all_reduces', n, p): guarded(all_reduces_per_step, n, p) for n, p in LOWBIT_CASES})
         for n, p, kw in REDUCTION_CASES:
             results['all_reduces', n, p, *kw] = guarded(all_reduces_per_step, n, p, **kw)
             results['options', n, p, *kw] = guarded(run_case, n, p, True, **kw)
@@ -335,7 +340,7 @@ def main(mode:str, out:str):
         results = {(n, p): guarded(fastai_case, n, p, True) for n, p in fastai_cases()}
         results.update({('resume', p): guarded(learner_resume_case, p, out) for p in ('foreach', 'fused', 'eightbit')})
     elif mode == 'dcp':
-        results = {(n, p): guarded(checkpoint_case, n, p, checkpoint_dir(out, n, p)) for n, p in cases()}
+        results = {(n, p): guarded(checkpoint_case, n, p, checkpoint_dir(out, n, p)) for n, p in cases() + LOWBIT_CASES}
         results.update({('upshard', n, p): guarded(upshard_case, n, p, checkpoint_dir(out, f'one-{n}', p))
                         for n, p in UPSHARD_CASES})
         results.update({('restored', k): guarded(state_restored_case, k, checkpoint_dir(out, k, 'restored'))

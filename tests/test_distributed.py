@@ -66,7 +66,28 @@ def reduces(name:str, path:str) -> bool:
     return name in ('lion', 'adan', 'adopt') and not path.startswith('eightbit')  # cautious
 
 
-@pytest.mark.parametrize('name,path,options', [(n, p, {}) for n, p in w.cases()] + w.REDUCTION_CASES)
+@pytest.mark.parametrize('name,path', w.LOWBIT_CASES)
+def test_fsdp2_lowbit_state_within_quantization(fsdp, name, path):
+    """Low-bit state (`state_bits` 8 and 4, every tensor) is blocked within each rank's slice, so sharding moves block
+    boundaries: the sharded run stays as close to the fp32 run as twice the one-process low-bit run does (two
+    independent quantizations of one trajectory), as for bitsandbytes' 8-bit state above"""
+    got = fsdp[name, path]
+    assert not isinstance(got, str), got
+    fp32, one = w.run_case(name, 'fused'), w.run_case(name, path)
+    assert maxdiff(one, fp32) > 0  # the state was quantized
+    assert maxdiff(got, fp32) <= 2 * maxdiff(one, fp32) + 1e-6
+
+
+@pytest.mark.parametrize('name,path', w.LOWBIT_CASES)
+def test_sharded_lowbit_checkpoint_resumes_exactly(checkpoints, fsdp, name, path):
+    """Low-bit state saved with `sharded_state_dict` (decoded to fp32) and loaded on 2 ranks is encoded back to the
+    same codes and scales: bitwise the uninterrupted sharded run"""
+    got = checkpoints[0][name, path]
+    assert not isinstance(got, str), got
+    assert maxdiff(got, fsdp[name, path]) == 0
+
+
+@pytest.mark.parametrize('name,path,options', [(n, p, {}) for n, p in w.cases() + w.LOWBIT_CASES] + w.REDUCTION_CASES)
 def test_one_all_reduce_per_group_and_step(fsdp, name, path, options):
     """A sharded step reduces every whole-tensor quantity of a tensor group in one all-reduce: ForEach, fused and 8-bit
     make one per group (the MLP has 4: two param groups, split by `do_wd`) or none; the native path steps one tensor at
