@@ -103,8 +103,9 @@ class TensorGroup:
         return self.key[5]
 
 def tensor_bits(opt:Optimizer, p:Tensor, hyper:dict) -> int:
-    "The bits of `p`'s state in a param group with `hyper`: `state_bits` on the fused path (see `lowbit`), else 32"
-    if getattr(opt, 'path', None) != 'fused' or p.is_complex(): return 32
+    """The bits of `p`'s state in a param group with `hyper`: `state_bits` where the fused kernel steps it (see
+    `lowbit`), else 32"""
+    if getattr(opt, 'path', None) != 'fused' or p.is_complex() or not opt.fused_steps(p, hyper): return 32
     return tensor_state_bits(opt.state[p], hyper, p.numel())
 
 def gather_groups(opt:Optimizer) -> list[TensorGroup]:
@@ -369,6 +370,10 @@ class FXOptimizer(Optimizer):
                              "state in the weights' dtype" + ("; `eightbit=True` is bitsandbytes' own 8-bit state, and "
                              "takes no `state_bits`" if self.path == 'eightbit' else ''))
 
+    def fused_steps(self, p:Tensor, hyper:dict) -> bool:
+        "Whether the fused kernel steps `p` on the fused path (so that its state can be low-bit): a hook for optimizers"
+        return True
+
     def set_state_bits(self, params, bits:int):
         """Give `params` (tensors of this optimizer) `bits` of state each, whatever their param group's `state_bits` and
         their size: an embedding kept at 32 bits, say. Kept in their state, so `Learner.save`/`load` keep it"""
@@ -498,7 +503,7 @@ class FXOptimizer(Optimizer):
         unsigned, exact = (spec.unsigned, spec.exact) if spec is not None else ((), ())
         pairs = [(local_tensor(p), h) for ps, h in zip(self.param_lists, hypers) for p in ps]
         for (p, h), s in zip(pairs, states):
-            bits = tensor_state_bits(s, h, p.numel()) if fused and not p.is_complex() else 32
+            bits = tensor_state_bits(s, h, p.numel()) if fused and not p.is_complex() and self.fused_steps(p, h) else 32
             target, new = key_formats(bits, self.state_keys, unsigned, exact), dict(s)
             for k, fmt in target.items():
                 saved = saved_format(s, k, p.numel(), fmt.signed)

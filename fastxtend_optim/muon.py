@@ -174,6 +174,10 @@ class MuonOptimizer(FXOptimizer):
             for h, old in zip(self.hypers, before): h.clear(); h.update(old)
             raise
 
+    def fused_steps(self, p:Tensor, hyper:dict) -> bool:
+        "Muon's matrices step on ForEach, whatever the path: only the AdamW tensors can take low-bit state"
+        return not uses_muon(p, hyper['muon'])
+
     def _split(self, group:TensorGroup, *lists) -> tuple:
         "(Muon part, AdamW part) of `group` as `TensorGroup`s with their hypers, each with its share of `lists`"
         h, parts = group.hyper, []

@@ -193,26 +193,22 @@ def test_low_bit_checkpoint_converts_to_every_path_with_one_warning(target):
 
 
 def test_digits_learner_at_8_and_4_bits_for_every_optimizer_within_0_02_accuracy():
-    "Every optimizer trains scikit-learn's digits at state_bits 8 and 4 (every tensor quantized) within 0.02 of fp32"
-    class AllLowBit(Callback):
-        "Quantize every tensor's state, the digits model's being smaller than `MIN_LOWBIT_NUMEL`"
-        def before_fit(self):
-            bits = self.opt.hypers[0]['state_bits']
-            inner = getattr(self.opt, 'opt', self.opt)
-            inner.set_state_bits([p for p, *_ in inner.all_params()], bits)
+    """Every optimizer trains scikit-learn's digits at state_bits 8 and 4 within 0.02 accuracy of its fp32 fused run;
+    the two hidden matrices (24,576 of the 26,122 parameters) take low-bit state, the smaller tensors keep 32 bits"""
     failures = {}
     for name, spec in BENCH.items():
         accs = {}
         for bits in (32, 8, 4):
-            learn = digits_learner(spec['partial'](fused=True, state_bits=bits), digits_dls(), cbs=[AllLowBit()])
+            learn = digits_learner(spec['partial'](fused=True, state_bits=bits), digits_dls())
             with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
                 warnings.simplefilter('ignore')
                 getattr(learn, spec.get('fit', 'fit_one_cycle'))(2, spec['lr'], cbs=spec.get('cbs', list)())
             accs[bits] = float(learn.recorder.values[-1][-1])
             inner = getattr(learn.opt, 'opt', learn.opt)
-            p = list(learn.model.parameters())[-1]  # the head's bias: AdamW's under Muon too
-            if bits < 16 and quantized_keys(inner) and p in inner.state:
-                assert any(f.bits == bits for f in stored_as(inner, p).values())
+            big = [p for p in learn.model.parameters() if p.numel() >= MIN_LOWBIT_NUMEL]
+            assert len(big) == 2
+            lowbit = [p for p in big if inner.fused_steps(p, inner.hypers[0]) and quantized_keys(inner)]
+            assert all(any(f.bits == bits for f in stored_as(inner, p).values()) for p in lowbit if bits < 32)
         if min(accs[8], accs[4]) < accs[32] - 0.02: failures[name] = accs
     assert not failures, failures
 
