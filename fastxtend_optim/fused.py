@@ -18,7 +18,7 @@ from .lowbit import StateFormat, absmax_key, as_format, saved_format, encode_row
 # %% auto #0
 __all__ = ['BLOCK', 'LOWBIT_ROWS', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'Placement', 'FusedLayout', 'encode_scratch',
            'uncautious', 'fused_kernel', 'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step',
-           'compiled_or_eager']
+           'fused_chunks', 'compiled_or_eager']
 
 # %% ../nbs/02_fused.ipynb #2f9b8bc9
 BLOCK = 256
@@ -178,10 +178,13 @@ class FusedLayout:
         return self._scratch
 
     def decoded(self, key:str, rows:slice) -> Tensor:
-        "Rows of state `key` as the kernel sees them: decoded from codes, or as stored"
+        "Rows of state `key` as the kernel sees them: decoded from codes (compiled where it can be), or as stored"
         fmt = self.formats.get(key)
         if fmt is None or not fmt.quantized: return self.bufs[key][rows]
-        return decode_rows(self.bufs[key][rows], self.bufs[absmax_key(key)][rows], fmt.bits, fmt.signed)
+        codes, device = self.bufs[key][rows], self.bufs['p'].device
+        return compiled_or_eager(fused_kernel(decode_rows, decode_rows, ((key, fmt.bits, fmt.signed),)), decode_rows,
+                                 codes.shape[0], device, codes, self.bufs[absmax_key(key)][rows], fmt.bits, fmt.signed,
+                                 False)  # the compiled copy has no defaults
 
     def holds(self, params:list[Tensor]) -> bool:
         "Whether every tensor of `params` is a member and every member's weights still view the buffer"
@@ -367,28 +370,23 @@ def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *e
     update, kernel, out = opt.fused.update, fused_kernel(opt.fused.update, body, layout.codecs), []
     lowbit = body is _fused_apply and layout.codecs
     for a, b in place.runs:
-        for rows in _chunks(layout.starts[a], layout.starts[b], LOWBIT_ROWS if lowbit else None):
+        for rows in fused_chunks(layout.starts[a], layout.starts[b], LOWBIT_ROWS if lowbit else None):
             bufs = {k: buf[rows] for k, buf in layout.bufs.items()}
             scratch = {k: s[:rows.stop - rows.start] for k, s in layout.scratch(LOWBIT_ROWS).items()} if lowbit else None
             call = (update, bufs, *args, layout.block_member[rows], consts, layout.codecs, *extra)
             tail = (scratch,) if body is _fused_apply else ()
             out.append(compiled_or_eager(kernel, body, rows.stop - rows.start, device, *call, *tail))
-            if lowbit: compiled_or_eager(_encoder(), encode_scratch, rows.stop - rows.start, device, bufs, scratch,
-                                         layout.codecs)
+            if lowbit: compiled_or_eager(fused_kernel(encode_scratch, encode_scratch, layout.codecs), encode_scratch,
+                                         rows.stop - rows.start, device, bufs, scratch, layout.codecs)
     return out
 
 LOWBIT_ROWS = 2048  # rows a low-bit step updates into fp32 scratch, then encodes: 2 MiB per state key, in cache
 
-def _chunks(start:int, stop:int, size:int|None) -> list[slice]:
+def fused_chunks(start:int, stop:int, size:int|None) -> list[slice]:
     "`[start, stop)` in slices of at most `size` (one slice when `None`)"
     if size is None: return [slice(start, stop)]
     return [slice(a, min(a + size, stop)) for a in range(start, stop, size)]
 
-_ENCODER = []
-def _encoder() -> Callable:
-    "`encode_scratch`, compiled once"
-    if not _ENCODER: _ENCODER.append(torch.compile(encode_scratch, dynamic=True))
-    return _ENCODER[0]
 
 def _member_sums(opt, layout:FusedLayout, place:Placement, named:dict, cautious:bool) -> dict:
     "Per-tensor vectors from a pre-pass: `FusedSpec.sums`' totals with `numel`, and the cautious rescale factor"

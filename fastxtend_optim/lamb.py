@@ -12,7 +12,7 @@ from fastai.optimizer import debias
 from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range, foreach_mul_
 from .core import stacked_norms, whole_norm, whole_norms
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
-from .fused import FusedSpec, compiled_or_eager
+from .fused import FusedSpec, compiled_or_eager, fused_chunks, LOWBIT_ROWS
 
 # %% auto #0
 __all__ = ['MAX_TRUST', 'LAMB_8BIT', 'LAMB_FUSED', 'LAMB_CHECKS', 'lamb', 'lamb_direction', 'lamb_trust', 'tensor_trust',
@@ -125,13 +125,13 @@ def lamb_direction_norms(h:dict, group, debias1:Tensor, debias2:Tensor) -> Tenso
                                          debias2.float().to(dev)])
     consts = torch.tensor([group.l2, mom, 1 - mom, sqr_mom, 1 - sqr_mom, eps], dtype=torch.float32).to(dev)
     sq = torch.zeros(len(layout.params), device=dev)
-    for a, b in group.runs:
-        rows = slice(layout.starts[a], layout.starts[b])
-        member = layout.block_member[rows]
-        bufs = [layout.decoded(k, rows) for k in ('g', 'grad_avg', 'sqr_avg', 'p')]
-        row_sq = compiled_or_eager(_compiled_sq_rows(), _direction_sq_rows, rows.stop - rows.start, dev, *bufs,
-                                   per[:, member], consts)
-        sq.index_add_(0, member, row_sq)
+    for a, b in group.runs:  # low-bit state: decoded a cache-sized chunk of rows at a time
+        for rows in fused_chunks(layout.starts[a], layout.starts[b], LOWBIT_ROWS if layout.codecs else None):
+            member = layout.block_member[rows]
+            bufs = [layout.decoded(k, rows) for k in ('g', 'grad_avg', 'sqr_avg', 'p')]
+            row_sq = compiled_or_eager(_compiled_sq_rows(), _direction_sq_rows, rows.stop - rows.start, dev, *bufs,
+                                       per[:, member], consts)
+            sq.index_add_(0, member, row_sq)
     return sq.sqrt()[group.members]
 
 # %% ../nbs/18_lamb.ipynb #eef862fd

@@ -9,6 +9,7 @@ import os, sys
 from functools import partial
 import torch, torch.distributed as dist
 from torch import nn
+from fastai.callback.core import Callback
 from fastxtend_optim.bench import OPTIMIZERS, has_path
 
 STEPS, BATCH = 20, 16
@@ -273,9 +274,9 @@ def digits_learner_for(name:str, path:str, distributed:bool):
     dls = DataLoaders(DataLoader(items, bs=bs, shuffle=False, drop_last=True), DataLoader(items[:64], bs=64))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU()), nn.Linear(32, 10))
-    spec, kw = OPTIMIZERS[name], dict(PATH_KW[path])
+    spec, kw = OPTIMIZERS[name], dict({**PATH_KW, **LOWBIT_KW}[path])
     kw.pop('min_8bit_size', None)
-    cbs = spec['cbs']() if 'cbs' in spec else []
+    cbs = (spec['cbs']() if 'cbs' in spec else []) + ([AllLowBit()] if 'state_bits' in kw else [])
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=spec['partial'](**kw), splitter=body_head_splitter,
                    cbs=cbs), spec
 
@@ -290,6 +291,14 @@ def fastai_case(name:str, path:str, distributed:bool) -> list[torch.Tensor]:
         with learn.distrib_ctx(sync_bn=False, cpu=True): fit_digits(learn, spec)
     else: fit_digits(learn, spec)
     return [p.detach().clone() for p in learn.model.parameters()]
+
+class AllLowBit(Callback):
+    "Every tensor's state at the Learner's `state_bits` (the digits model's tensors are all small)"
+    def before_fit(self):
+        opt = self.learn.opt
+        opt.set_state_bits([p for p, *_ in opt.all_params()], opt.hypers[0]['state_bits'])
+
+LOWBIT_FASTAI = [('adam', 'fused8'), ('lion', 'fused4'), ('lamb', 'fused8')]
 
 def fastai_cases() -> list[tuple[str, str]]:
     return [(n, p) for n in OPTIMIZERS for p in ('native', 'foreach', 'fused', 'eightbit') if has_path(n, p)]
@@ -337,7 +346,7 @@ def main(mode:str, out:str):
             results['all_reduces', n, p, *kw] = guarded(all_reduces_per_step, n, p, **kw)
             results['options', n, p, *kw] = guarded(run_case, n, p, True, **kw)
     elif mode == 'fastai':
-        results = {(n, p): guarded(fastai_case, n, p, True) for n, p in fastai_cases()}
+        results = {(n, p): guarded(fastai_case, n, p, True) for n, p in fastai_cases() + LOWBIT_FASTAI}
         results.update({('resume', p): guarded(learner_resume_case, p, out) for p in ('foreach', 'fused', 'eightbit')})
     elif mode == 'dcp':
         results = {(n, p): guarded(checkpoint_case, n, p, checkpoint_dir(out, n, p)) for n, p in cases() + LOWBIT_CASES}

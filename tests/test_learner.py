@@ -11,10 +11,11 @@ from fastxtend_optim.lars import lars
 from fastxtend_optim.demo import digits_dls, digits_learner, PATH_FUNCS
 
 OPTS = {'lion': (lion, 3e-3), 'adam': (adam, 3e-3), 'lars': (partial(lars, clip=True), 1.)}  # partial maker, peak lr
-CASES = [(o, p) for o in OPTS for p in PATH_FUNCS]
+RUN_PATHS = {**PATH_FUNCS, 'fused8': dict(fused=True, state_bits=8), 'fused4': dict(fused=True, state_bits=4)}
+CASES = [(o, p) for o in OPTS for p in RUN_PATHS]  # low-bit state: the two hidden matrices (the rest are small)
 
 
-def opt_func(name, path): return OPTS[name][0](**PATH_FUNCS[path])
+def opt_func(name, path): return OPTS[name][0](**RUN_PATHS[path])
 
 
 @pytest.fixture(scope='module')
@@ -48,7 +49,8 @@ def test_fit_one_cycle_learns_digits(dls, name, path, fastai_adam_accuracy):
     quiet_fit(learn, 3, OPTS[name][1])
     assert accuracy(learn) > 0.9
     assert accuracy(learn) >= fastai_adam_accuracy - 0.03  # comparable with fastai's own Adam, same data and epochs
-    assert learn.opt.path == path
+    assert learn.opt.path == ('fused' if path.startswith('fused') else path)
+    if path in ('fused8', 'fused4'): assert learn.opt.state[learn.model[0][0].weight]['grad_avg'].dtype == torch.uint8
     # fastai's bias/norm handling reached the optimizer state
     bn = learn.model[0][1]
     assert learn.opt.state[bn.weight]['do_wd'] is False and learn.opt.state[bn.weight]['force_train'] is True
@@ -125,6 +127,7 @@ def test_fused_accuracy_within_001_of_foreach(dls, name):
         quiet_fit(learn, 1, OPTS[name][1])
         learn.unfreeze()
         quiet_fit(learn, 2, slice(OPTS[name][1] / 10, OPTS[name][1]))
-        assert learn.opt.path == path
+        assert learn.opt.path == ('fused' if path.startswith('fused') else path)
+    if path in ('fused8', 'fused4'): assert learn.opt.state[learn.model[0][0].weight]['grad_avg'].dtype == torch.uint8
         accs.append(accuracy(learn))
     assert abs(accs[0] - accs[1]) <= 0.01 and min(accs) > 0.85
