@@ -7,9 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_VERSION=${PYTHON_VERSION:-3.12}
 # fastai and what it imports at import time (fastprogress imports fasthtml.common, which imports starlette and
-# friends; fasttransform needs plum-dispatch and beartype); bitsandbytes; the peers the tests compare with.
+# friends; fasttransform needs plum-dispatch and beartype); bitsandbytes; the peers the tests compare with. Every one
+# is installed by `bash tools/install.sh dev` (tests/test_tools.py checks it): sniffio no longer is, and anyio on the
+# GPU image does not need it.
 PACKAGES=(fastai fastcore fastprogress fastdownload fasttransform plum-dispatch beartype
-          python-fasthtml starlette itsdangerous python-multipart sniffio
+          python-fasthtml starlette itsdangerous python-multipart
           bitsandbytes lion-pytorch torch-optimi pytorch_optimizer schedulefree sophia-opt)
 pins=()
 for name in "${PACKAGES[@]}"; do
@@ -17,6 +19,7 @@ for name in "${PACKAGES[@]}"; do
     { echo "gpu-wheels: $name is not installed here; install the dev extra first (bash tools/install.sh dev)"; exit 1; }
   pins+=("$name==$version")
 done
+if [ "${GPU_WHEELS_RESOLVE_ONLY:-0}" = 1 ]; then printf '%s\n' "${pins[@]}"; exit 0; fi  # the pins, no download
 rm -rf .whl && mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYTHON_VERSION" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
