@@ -352,7 +352,6 @@ class FXOptimizer(Optimizer):
         "fastai's `set_hyper`, refusing a value its check or the group check rejects (the hypers stay as they were)"
         check_hypers(self.checks, **{k: v})
         before = [dict(h) for h in self.hypers]
-        if k == 'state_bits': self.__dict__.pop('_fused_layouts', None)  # new layouts in the new format
         if v is None: self._set_hyper(k, [None] * len(self.hypers))  # fastai's `L(None)` would be empty
         else: super().set_hyper(k, v)
         try:
@@ -360,6 +359,7 @@ class FXOptimizer(Optimizer):
         except ValueError:
             for h, old in zip(self.hypers, before): h.clear(); h.update(old)
             raise
+        if k == 'state_bits': self.__dict__.pop('_fused_layouts', None)  # new layouts in the new format
 
     def _check_group(self, h:dict):
         "The optimizer's own check of a group's hypers, and the path's: `state_bits` other than 32 is the fused path's"
@@ -501,9 +501,10 @@ class FXOptimizer(Optimizer):
         weights' dtype now off the fused path; on the fused path a tensor's next step converts them. And what changed"""
         spec, fused, out, moved = self.fused, self.path == 'fused', [], 0
         unsigned, exact = (spec.unsigned, spec.exact) if spec is not None else ((), ())
-        pairs = [(local_tensor(p), h) for ps, h in zip(self.param_lists, hypers) for p in ps]
-        for (p, h), s in zip(pairs, states):
-            bits = tensor_state_bits(s, h, p.numel()) if fused and not p.is_complex() and self.fused_steps(p, h) else 32
+        pairs = [(p, local_tensor(p), h) for ps, h in zip(self.param_lists, hypers) for p in ps]
+        for (whole, p, h), s in zip(pairs, states):  # the size rule reads the whole tensor; formats, this rank's slice
+            lowbit = fused and not p.is_complex() and self.fused_steps(p, h)
+            bits = tensor_state_bits(s, h, whole.numel()) if lowbit else 32
             target, new = key_formats(bits, self.state_keys, unsigned, exact), dict(s)
             for k, fmt in target.items():
                 saved = saved_format(s, k, p.numel(), fmt.signed)
