@@ -188,9 +188,11 @@ def test_low_bit_checkpoint_converts_to_every_path_with_one_warning(target):
     with pytest.warns(PathConversionWarning) as record:
         dst.load_state_dict(roundtrip(src.state_dict()))
     assert len([r for r in record if r.category is PathConversionWarning]) == 1
-    after = run(dst, v, 3, start=5)
-    moved = max((a - b.detach()).abs().max().item() for a, b in zip(after, w))
-    assert 0 < moved < 3 * 1.5 * max(LRS)  # three steps of about lr each: the converted state is sane, not lost
+    after, continued = run(dst, v, 3, start=5), run(src, w, 3, start=5)
+    gap = max((a - b).abs().max().item() for a, b in zip(after, continued))
+    # The converted run continues the 8-bit one: measured 1.4e-4 (3.3e-3 re-quantized to 4 bits, whose coarser codes
+    # move a few weights by a third of their step); state lost in conversion would leave it 1e-2 away
+    assert gap <= (6e-3 if target.get('state_bits') == 4 else 1e-3), gap
 
 
 def test_digits_learner_at_8_and_4_bits_for_every_optimizer_within_0_02_accuracy():
