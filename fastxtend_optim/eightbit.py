@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 from .core import TensorGroup, weight_decay_, refuse_foreign_keywords
+from .lowbit import map_values
 
 # %% auto #0
 __all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'EIGHTBIT_OPTIMIZERS', 'STATE_CARRIED', 'QUANTIZER_SLACK',
@@ -99,9 +100,9 @@ def no_eightbit(name:str, eightbit, kwargs:dict|None=None, hyper_names=()):
 # %% ../nbs/01_eightbit.ipynb #ed4ce589
 _qmaps = {}
 def dynamic_map(device:torch.device, signed:bool=True) -> Tensor:
-    "bitsandbytes' dynamic quantization map on `device`, made once and shared"
+    "bitsandbytes' dynamic quantization map on `device` (`lowbit.map_values`), made once and shared"
     key = (str(device), signed)
-    if key not in _qmaps: _qmaps[key] = bnb_functional().create_dynamic_map(signed=signed).to(device)
+    if key not in _qmaps: _qmaps[key] = map_values(8, signed).to(device)  # bit for bit bitsandbytes' own map
     return _qmaps[key]
 
 def state_buffer(p:Tensor, dtype:torch.dtype, paged:bool, stacked:bool=False) -> Tensor:

@@ -116,8 +116,7 @@ class StateFormat:
         "Zeroed buffers for `rows` layout rows: the values (or codes) and, when quantized, the block scales"
         if self.bits == 32: return {'': like.new_zeros(rows, 256)}
         if self.bits == 16: return {'': like.new_zeros(rows, 256, dtype=torch.bfloat16)}
-        width = 256 if self.bits == 8 else 128
-        codes = like.new_full((rows, width), self.zero_code(), dtype=torch.uint8)
+        codes = like.new_full((rows, self.bits * 32), self.zero_code(), dtype=torch.uint8)  # a row's 256 codes, packed
         return {'': codes, '_absmax': like.new_zeros(rows, 256 // self.block, dtype=torch.float32)}
 
     def zero_code(self) -> int:
@@ -132,11 +131,6 @@ class StateFormat:
     def decode(self, codes:Tensor, absmax:Tensor, exact:bool=True) -> Tensor:
         "fp32 rows `(rows, 256)` from `encode`'s codes and scales, with the map's own values unless not `exact`"
         return decode_rows(codes, absmax, self.bits, self.signed, exact)
-
-    def bytes_per_element(self, element_size:int=4) -> float:
-        "State bytes per element and key, scales included"
-        if not self.quantized: return element_size if self.bits == 32 else 2
-        return self.bits / 8 + 4 / self.block
 
 # %% ../nbs/04_lowbit.ipynb #4cadc885
 def tensor_state_bits(state:dict, hyper:dict, numel:int) -> int:

@@ -6,7 +6,7 @@ from fastai.callback.core import Callback
 from fastxtend_optim.adam import Adam, adam
 from fastxtend_optim.lion import Lion
 from fastxtend_optim.eightbit import PathConversionWarning
-from fastxtend_optim.lowbit import StateFormat, absmax_key, saved_format, decode_saved, dynamic_decode, MIN_LOWBIT_NUMEL
+from fastxtend_optim.lowbit import StateFormat, absmax_key, saved_format, decode_saved, map_values, MIN_LOWBIT_NUMEL
 from fastxtend_optim.demo import digits_dls, digits_learner
 from fastxtend_optim.bench import OPTIMIZERS as BENCH
 from conftest import make_params, set_grads, run, fx_groups, roundtrip, assert_close_lists, randn, LRS, NO_WD
@@ -56,8 +56,7 @@ def test_resume_is_exact_and_state_is_low_bit(name, bits):
 
 def _nearest_distance(x:torch.Tensor, scales:torch.Tensor, fmt:StateFormat) -> torch.Tensor:
     "Per element of `x` (flat), its block scale times the distance from x/scale to the nearest code of `fmt`'s map"
-    values = dynamic_decode(torch.arange(2 ** fmt.bits), 7 if fmt.bits == 8 else 3, True) if fmt.signed else \
-        (dynamic_decode(torch.arange(256), 7, False) if fmt.bits == 8 else (torch.arange(16) + 1) / 16.)
+    values = map_values(fmt.bits, fmt.signed)
     a = scales.reshape(-1).repeat_interleave(fmt.block)[:x.numel()]
     y = x / torch.where(a > 0, a, 1.)
     return a * (y[:, None] - values.to(x.device)[None]).abs().min(1).values
