@@ -6,7 +6,7 @@ Docs: https://fastxtend.github.io/fastxtend_optim/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #2fe86036
 from __future__ import annotations
-import inspect, math, numbers, warnings
+import copy, inspect, math, numbers, warnings
 from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass, field
@@ -16,15 +16,18 @@ from torch import Tensor
 from fastai.optimizer import Optimizer
 from fastcore.foundation import L
 from .lowbit import state_bits_value, tensor_state_bits, absmax_key, saved_format, as_format, key_formats
+from .lowprec import (KAHAN_KEY, rounding_flag, check_rounding, weight_rounding, working_weights,
+                                    store_weights, working_states, store_states, noise_key)
 
 # %% auto #0
-__all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'positive', 'unit_interval', 'closed_unit_interval',
-           'boolean', 'percentile_range', 'check_hypers', 'our_keywords', 'refuse_foreign_keywords', 'TensorGroup',
-           'tensor_bits', 'gather_groups', 'local_tensor', 'shard_group', 'sharded_over', 'is_sharded', 'whole_sums',
-           'whole_sums_of', 'whole_norms', 'stacked_norms', 'whole_norm', 'steps_runs', 'init_state', 'foreach_mul_',
-           'weight_decay_', 'cautious_', 'cautious_counts', 'apply_cautious_', 'cautious_foreach_', 'check_cautious',
-           'percentile_scales', 'scale_grads', 'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params',
-           'plain_number', 'FXOptimizer', 'opt_partial']
+__all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'STORAGE_CHECKS', 'non_negative', 'positive', 'unit_interval',
+           'closed_unit_interval', 'boolean', 'percentile_range', 'check_hypers', 'our_keywords',
+           'refuse_foreign_keywords', 'TensorGroup', 'tensor_bits', 'gather_groups', 'local_tensor', 'shard_group',
+           'sharded_over', 'is_sharded', 'whole_sums', 'whole_sums_of', 'whole_norms', 'stacked_norms', 'whole_norm',
+           'steps_runs', 'init_state', 'foreach_mul_', 'weight_decay_', 'cautious_', 'cautious_counts',
+           'apply_cautious_', 'cautious_foreach_', 'check_cautious', 'percentile_scales', 'scale_grads',
+           'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params', 'plain_number', 'FXOptimizer',
+           'opt_partial']
 
 # %% ../nbs/00_core.ipynb #85b45c8e
 def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -329,6 +332,8 @@ def plain_number(v):
     return v.item() if hasattr(v, 'item') and getattr(v, 'ndim', None) == 0 and not isinstance(v, Tensor) else v
 
 # %% ../nbs/00_core.ipynb #b45685df
+STORAGE_CHECKS = dict(state_bits=state_bits_value, kahan_sum=rounding_flag, stochastic_round=rounding_flag)
+
 class FXOptimizer(Optimizer):
     "A fastai `Optimizer` that steps on the native, ForEach or 8-bit path"
     def __init__(self, params, steppers:list[Callable], foreach_step:Callable, state_keys:tuple=(),
@@ -340,11 +345,12 @@ class FXOptimizer(Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params)
         if not params or all(isinstance(pg, (list, tuple, L)) and not len(pg) for pg in params):
             raise ValueError("`params` is empty: the optimizer needs at least one parameter")
-        self.checks, self.group_check, self.path = {'state_bits': state_bits_value, **(checks or {})}, group_check, path
+        self.checks, self.group_check, self.path = {**STORAGE_CHECKS, **(checks or {})}, group_check, path
         check_hypers(self.checks, **defaults)
         self._check_group(defaults)
         super().__init__(params, steppers, **defaults)
         check_params(self.param_lists, complex_ok, path)
+        for h in self.hypers: check_rounding(h)  # per param group, once fastai has split the defaults
         self.foreach_step, self.state_keys = foreach_step, tuple(state_keys)
         self.eightbit, self.eightbit_args, self.fused, self.own_decay = eightbit, eightbit_args, fused, own_decay
 
@@ -359,11 +365,12 @@ class FXOptimizer(Optimizer):
         except ValueError:
             for h, old in zip(self.hypers, before): h.clear(); h.update(old)
             raise
-        if k == 'state_bits': self.__dict__.pop('_fused_layouts', None)  # new layouts in the new format
+        if k in STORAGE_CHECKS: self.__dict__.pop('_fused_layouts', None)  # new layouts in the new format
 
     def _check_group(self, h:dict):
         "The optimizer's own check of a group's hypers, and the path's: `state_bits` other than 32 is the fused path's"
         if self.group_check is not None: self.group_check(h)
+        if not any(isinstance(h.get(k), (list, tuple)) for k in ('kahan_sum', 'stochastic_round')): check_rounding(h)
         bits = h.get('state_bits', 32)
         if self.path != 'fused' and any(b != 32 for b in (bits if isinstance(bits, (list, tuple)) else [bits])):
             raise ValueError(f"`state_bits={bits}` needs the fused path (`fused=True`): the {self.path!r} path keeps "
@@ -410,8 +417,28 @@ class FXOptimizer(Optimizer):
         scales = percentile_scales(group.grads, group.states, group.hyper.get('percentile_clipping', 100))
         fused = self.path == 'fused' and not group.key[2].is_complex  # complex groups take ForEach
         if fused and self._fused_step(group, scales): return
-        grads = scale_grads(group.grads, scales)
-        getattr(self, '_foreach_step' if self.path == 'fused' else f'_{self.path}_step')(group, grads)
+        step = getattr(self, '_foreach_step' if self.path == 'fused' else f'_{self.path}_step')
+        self.eager_step(group, scale_grads(group.grads, scales), step)
+
+    def eager_step(self, group:TensorGroup, grads:list[Tensor], step:Callable):
+        """`step(group, grads)`: a step off the fused kernel. 16-bit weights step as fp32 working copies, stored back with
+        Kahan summation or stochastic rounding (see `lowprec`); a hook for optimizers that step part of a group themselves"""
+        rounding = weight_rounding(group.hyper, group.key[2])
+        if rounding is None and not any(KAHAN_KEY in s for s in group.states): return step(group, grads)
+        for idx in foreach_chunks(group.params):  # fp32 copies of a chunk: params, gradients, state
+            pick = lambda xs: [xs[i] for i in idx]
+            params, states, part = pick(group.params), pick(group.states), copy.copy(group)
+            part.params, part.states = working_weights(params, states), working_states(states, self.state_keys)
+            part.grads, part.owners = [g.float() for g in pick(grads)], pick(group.owners)
+            step(part, part.grads)
+            store_states(params, states, part.states, self.state_keys)
+            store_weights(params, states, part.params, rounding, self._noise_keys(part, rounding))
+
+    def _noise_keys(self, group:TensorGroup, rounding:str|None) -> list[int]:
+        "Each tensor's `noise_key` for stochastic rounding: its step, salted with its place in the optimizer"
+        if rounding != 'stochastic': return [0] * len(group.params)
+        number = {id(p): n for n, (p, *_) in enumerate(self.all_params())}
+        return [noise_key(s['step'], number[id(o)]) for s, o in zip(group.states, group.owners)]
 
     def _fused_step(self, group, scales) -> bool:
         """The fused step; where this device cannot compile, warn once with the reason and take ForEach from now on, or,

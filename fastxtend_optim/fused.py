@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from .core import whole_norms, whole_sums_of, local_tensor, shard_group, tensor_bits
 from .lowbit import StateFormat, absmax_key, as_format, saved_format, encode_rows, decode_rows, key_formats
+from .lowprec import KAHAN_KEY, weight_rounding, rounded_weights, rounding_bits, noise_key, fold_compensation
 
 # %% auto #0
 __all__ = ['BLOCK', 'LOWBIT_ROWS', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'Placement', 'FusedLayout', 'encode_scratch',
@@ -177,6 +178,11 @@ class FusedLayout:
             self._scratch = {k: self.bufs['p'].new_empty(rows, BLOCK, dtype=torch.float32) for k, *_ in self.codecs}
         return self._scratch
 
+    def row_ids(self) -> Tensor:
+        "Each row's index in the buffers (int64), made once: where stochastic rounding finds an element's place"
+        if getattr(self, '_row_ids', None) is None: self._row_ids = torch.arange(self.starts[-1], device=self.bufs['p'].device)
+        return self._row_ids
+
     def decoded(self, key:str, rows:slice) -> Tensor:
         "Rows of state `key` as the kernel sees them: decoded from codes (compiled where it can be), or as stored"
         fmt = self.formats.get(key)
@@ -233,7 +239,8 @@ def _kernel_inputs(bufs:dict, scalars:Tensor, scalar_names:tuple, vectors:Tensor
     decoded = {k: decode_rows(bufs[k], bufs[absmax_key(k)], bits, signed) for k, bits, signed in codecs}
     scales = {absmax_key(k) for k, *_ in codecs}
     wide = {k: decoded.get(k, b.float() if b.element_size() < 4 else b)  # fp16/bf16: math in fp32
-            for k, b in bufs.items() if k not in scales}
+            for k, b in bufs.items() if k not in scales and k != 'row'}
+    if KAHAN_KEY in wide: wide['p'] = wide['p'] + wide.pop(KAHAN_KEY)  # the weights a Kahan pair holds
     g = wide['g'] * v.pop('grad_scale')
     if 'l2' in s: g = g + s.pop('l2') * wide['p']  # absent when 0: a pre-pass then need not read the weights
     state = {k: b for k, b in wide.items() if k not in ('p', 'g')}
@@ -244,10 +251,17 @@ def _fused_apply(update:Callable, bufs:dict, scalars:Tensor, scalar_names:tuple,
     """Clip, decay and `update` rows of the buffers in place: `scalars` are group-wide, `vectors` hold one value per
     member. Low-bit state is decoded before the update; its new values go to `scratch` (fp32 rows) for `encode_scratch`"""
     p, g, kw = _kernel_inputs(bufs, scalars, scalar_names, vectors, vector_names, block_member, codecs)
-    scale = kw.pop('cautious_scale', None)
+    scale, step = kw.pop('cautious_scale', None), kw.pop('sr_step', None)
     caution = uncautious if scale is None else partial(_cautious, scale=scale)
-    for k, new in update(p, g, **kw, **consts, caution=caution).items(): (bufs if scratch is None or k not in scratch
-                                                                          else scratch)[k].copy_(new)
+    out = update(p, g, **kw, **consts, caution=caution)
+    out.update(_stored_weights(out['p'], bufs, step))
+    for k, new in out.items(): (bufs if scratch is None or k not in scratch else scratch)[k].copy_(new)
+
+def _stored_weights(new:Tensor, bufs:dict, step:Tensor|None) -> dict:
+    "The new weights as the layout stores them: stochastically rounded (at `step`), as a Kahan pair, or to nearest"
+    if step is None: return rounded_weights(new, bufs['p'].dtype, 'kahan' if KAHAN_KEY in bufs else None)
+    index = bufs['row'][:, None] * BLOCK + torch.arange(BLOCK, device=new.device)  # each element's place in the layout
+    return rounded_weights(new, bufs['p'].dtype, 'stochastic', rounding_bits(index, noise_key(step.to(torch.int64))))
 
 def encode_scratch(bufs:dict, scratch:dict, codecs:tuple):
     "Encode the new low-bit state in `scratch` into the buffers' codes and block scales"
@@ -278,7 +292,8 @@ def fused_kernel(update:Callable, body:Callable=_fused_apply, codecs:tuple=()) -
         bits = sorted({b for _, b, _ in codecs})
         name = f"{body.__name__.strip('_')}_{getattr(update, '__name__', 'update')}" + ''.join(f'_{b}bit' for b in bits)
         fn = types.FunctionType(body.__code__.replace(co_name=name), body.__globals__, name)
-        _KERNELS[update, body, codecs] = torch.compile(fn, dynamic=True)
+        # emulated casts: a value rounded to bf16/fp16 in the kernel is rounded (a Kahan pair's residual needs it)
+        _KERNELS[update, body, codecs] = torch.compile(fn, dynamic=True, options={'emulate_precision_casts': True})
     return _KERNELS[update, body, codecs]
 
 # %% ../nbs/02_fused.ipynb #002b069d
@@ -319,8 +334,10 @@ def group_layout(opt, group) -> FusedLayout:
         members |= {id(p) for p in old.params if id(p) in owners and tensor_key(opt, owners[id(p)], hyper) == group.key[1:]}
     params = [p for p in map(local_tensor, opt.param_lists[group.key[0]]) if id(p) in members]
     states = [opt.state[owners[id(p)]] for p in params]
-    formats = key_formats(group.state_bits, opt.state_keys, opt.fused.unsigned, opt.fused.exact)
-    layouts[group.key] = FusedLayout(params, states, opt.state_keys, staged=group.shard_group is not None, formats=formats)
+    kahan = weight_rounding(opt.hypers[group.key[0]], group.key[2]) == 'kahan'
+    keys = opt.state_keys + ((KAHAN_KEY,) if kahan else ())  # the compensation: one more buffer in the weights' dtype
+    formats = key_formats(group.state_bits, keys, opt.fused.unsigned, opt.fused.exact + (KAHAN_KEY,))
+    layouts[group.key] = FusedLayout(params, states, keys, staged=group.shard_group is not None, formats=formats)
     return layouts[group.key]
 
 def _warn_moved(opt):
@@ -340,6 +357,8 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None, eager:bool=False) -> b
     unless `eager`: then the same math runs uncompiled"""
     device = group.params[0].device
     if fused_unavailable(device) is not None and not eager: return False
+    rounding = weight_rounding(group.hyper, group.key[2])
+    if rounding != 'kahan': fold_compensation(group.params, group.states)
     layout = group_layout(opt, group)
     place = layout.place(group.params)
     layout.sync_all(place, group.grads, group.states)
@@ -352,6 +371,7 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None, eager:bool=False) -> b
                     p_scale=1 - h['lr'] * wd if decay and decouple else 1., l2=wd if decay and not decouple else 0.,
                     layout=layout, runs=place.runs, members=place.members)
     named = dict(opt.fused.scalars(h, fg), grad_scale=scales, p_scale=fg.p_scale, **({'l2': fg.l2} if fg.l2 else {}))
+    if rounding == 'stochastic': named['sr_step'] = float(group.states[0]['step'])
     cautious = bool(h.get('cautious', False))
     if opt.fused.sums is not None or cautious: named.update(_member_sums(opt, layout, place, named, cautious))
     _run(opt, layout, place, named, _fused_apply)
@@ -372,6 +392,7 @@ def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *e
     for a, b in place.runs:
         for rows in fused_chunks(layout.starts[a], layout.starts[b], LOWBIT_ROWS if lowbit else None):
             bufs = {k: buf[rows] for k, buf in layout.bufs.items()}
+            if 'sr_step' in named: bufs['row'] = layout.row_ids()[rows]
             scratch = {k: s[:rows.stop - rows.start] for k, s in layout.scratch(LOWBIT_ROWS).items()} if lowbit else None
             call = (update, bufs, *args, layout.block_member[rows], consts, layout.codecs, *extra)
             tail = (scratch,) if body is _fused_apply else ()

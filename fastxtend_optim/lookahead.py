@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 from .core import foreach_chunks, opt_partial, local_tensor
+from .lowprec import KAHAN_KEY
 from .radam import RAdam, RADAM_CHECKS
 from .eightbit import no_eightbit
 
@@ -66,6 +67,7 @@ class Lookahead:
             s = self.opt.state[p]
             if 'slow_p' not in s: s['slow_p'] = local_tensor(p).detach().clone()  # state replaced: start from here
             else: fast.append(local_tensor(p).detach()); slow.append(s['slow_p'])
+            if KAHAN_KEY in s: s[KAHAN_KEY].zero_()  # the weights restart exactly at the slow weights
         lookahead_(fast, slow, self.alpha)
 
     @torch.no_grad()
@@ -104,13 +106,15 @@ class Lookahead:
 # %% ../nbs/20_lookahead.ipynb #8e6d2ee3
 def Ranger(params, lr:float, mom:float=0.95, wd:float=0.01, eps:float=1e-6, k:int=6, alpha:float=0.5,
            sqr_mom:float=0.99, beta:float=0., decouple_wd:bool=True, foreach:bool|None=None, fused:bool=False,
-           state_bits:int=32, eightbit:bool=False, percentile_clipping:float=100, **kwargs) -> Lookahead:
+           state_bits:int=32, kahan_sum:bool|None=None,
+         stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100, **kwargs) -> Lookahead:
     "`Lookahead` around `RAdam`, on the native, ForEach or fused path"
     no_eightbit('Ranger', eightbit, kwargs, RADAM_CHECKS)
     check_lookahead(k, alpha)
     return Lookahead(RAdam(params, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta, decouple_wd=decouple_wd,
                            foreach=foreach, fused=fused, percentile_clipping=percentile_clipping,
-                           state_bits=state_bits), k=k, alpha=alpha)
+                           state_bits=state_bits, kahan_sum=kahan_sum,
+                       stochastic_round=stochastic_round), k=k, alpha=alpha)
 
 # %% ../nbs/20_lookahead.ipynb #5e0f19dc
 _ranger_partial = opt_partial(Ranger)
