@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy, inspect, math, numbers, warnings
 from contextlib import contextmanager
 from functools import partial
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 import torch, torch.distributed
 from torch import Tensor
 from fastai.optimizer import Optimizer
 from fastcore.foundation import L
-from .lowbit import state_bits_value, tensor_state_bits, absmax_key, saved_format, as_format, key_formats
+from .lowbit import (state_bits_value, tensor_state_bits, absmax_key, saved_format, as_format, key_formats,
+                                    StateFormat)
 from .lowprec import (KAHAN_KEY, rounding_flag, check_rounding, weight_rounding, working_weights,
                                     store_weights, working_states, store_states, noise_key)
 
@@ -336,6 +337,8 @@ STORAGE_CHECKS = dict(state_bits=state_bits_value, kahan_sum=rounding_flag, stoc
 
 class FXOptimizer(Optimizer):
     "A fastai `Optimizer` that steps on the native, ForEach or 8-bit path"
+    weight_state = ()  # state keys that hold weights (Schedule-Free's `z`): fp32 beside 16-bit weights that round
+
     def __init__(self, params, steppers:list[Callable], foreach_step:Callable, state_keys:tuple=(),
                  path:str='foreach', checks:dict|None=None, group_check:Callable|None=None, eightbit=None,
                  eightbit_args=None, fused=None, complex_ok:bool=False, own_decay:bool=False, **defaults):
@@ -431,12 +434,12 @@ class FXOptimizer(Optimizer):
             part.params, part.states = working_weights(params, states), working_states(states, self.state_keys)
             part.grads, part.owners = [g.float() for g in pick(grads)], pick(group.owners)
             step(part, part.grads)
-            store_states(params, states, part.states, self.state_keys)
-            store_weights(params, states, part.params, rounding, self._noise_keys(part, rounding))
+            noise = None if rounding is None else self._noise_keys(part)
+            store_states(params, states, part.states, self.state_keys, noise, self.weight_state if noise else ())
+            store_weights(params, states, part.params, rounding, noise or [0] * len(params))
 
-    def _noise_keys(self, group:TensorGroup, rounding:str|None) -> list[int]:
+    def _noise_keys(self, group:TensorGroup) -> list[int]:
         "Each tensor's `noise_key` for stochastic rounding: its step, salted with its place in the optimizer"
-        if rounding != 'stochastic': return [0] * len(group.params)
         number = {id(p): n for n, (p, *_) in enumerate(self.all_params())}
         return [noise_key(s['step'], number[id(o)]) for s, o in zip(group.states, group.owners)]
 
@@ -526,16 +529,16 @@ class FXOptimizer(Optimizer):
     def _lowbit_states(self, states:list[dict], hypers:list[dict]) -> tuple[list[dict], list[str]]:
         """Saved `states` whose keys are stored in another format than this optimizer keeps (`lowbit`): decoded to the
         weights' dtype now off the fused path; on the fused path a tensor's next step converts them. And what changed"""
-        spec, fused, out, moved = self.fused, self.path == 'fused', [], 0
-        unsigned, exact = (spec.unsigned, spec.exact) if spec is not None else ((), ())
+        fused, out, moved = self.path == 'fused', [], 0
         pairs = [(p, local_tensor(p), h) for ps, h in zip(self.param_lists, hypers) for p in ps]
         for (whole, p, h), s in zip(pairs, states):  # the size rule reads the whole tensor; formats, this rank's slice
             lowbit = fused and not p.is_complex() and self.fused_steps(p, h)
             bits = tensor_state_bits(s, h, whole.numel()) if lowbit else 32
-            target, new = key_formats(bits, self.state_keys, unsigned, exact), dict(s)
+            target, new = self.state_formats(bits, h, p.dtype), dict(s)
             for k, fmt in target.items():
                 saved = saved_format(s, k, p.numel(), fmt.signed)
                 if saved is None or saved == fmt or p.numel() == 0: continue  # an empty shard has no format to change
+                if not (saved.quantized or fmt.quantized) and s[k].dtype == fmt.values_dtype(p.dtype): continue
                 moved += 1
                 if not fused:
                     new.pop(absmax_key(k), None)
@@ -546,6 +549,16 @@ class FXOptimizer(Optimizer):
                      f"{sorted({h.get('state_bits', 32) for h in hypers})} on the {self.path!r} path): " +
                      ("each converts at its tensor's next step, within the quantizer's bound (see the lowbit notebook)"
                       if fused else "decoded to the weights' dtype")]
+
+    def state_formats(self, bits:int, hyper:dict, dtype:torch.dtype) -> dict[str, StateFormat]:
+        """Each state key's format at `bits`, for weights of `dtype` in a group with `hyper`. 16-bit weights that round
+        add their Kahan compensation (in their dtype) and keep `weight_state` in fp32 (4 bytes, as a Kahan pair would be)"""
+        rounding, spec = weight_rounding(hyper, dtype), self.fused
+        unsigned, exact = (spec.unsigned, spec.exact) if spec is not None else ((), ())
+        keys = self.state_keys + ((KAHAN_KEY,) if rounding == 'kahan' else ())
+        formats = key_formats(bits, keys, unsigned, exact + (KAHAN_KEY,))
+        if rounding is not None: formats.update({k: replace(formats[k], wide=True) for k in self.weight_state})
+        return formats
 
     def _check_state_shapes(self, states):
         "Refuse saved state whose tensors are not shaped like their parameters (as real views for complex ones)"

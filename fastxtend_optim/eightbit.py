@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from .core import TensorGroup, weight_decay_, refuse_foreign_keywords
 from .lowbit import map_values
+from .lowprec import KAHAN_KEY
 
 # %% auto #0
 __all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'EIGHTBIT_OPTIMIZERS', 'STATE_CARRIED', 'QUANTIZER_SLACK',
@@ -165,7 +166,7 @@ def _warn_unpaged(opt):
     opt._warned_unpaged = True
 
 # %% ../nbs/01_eightbit.ipynb #c0a7e8d2
-STATE_CARRIED = ('step', 'do_wd', 'force_train', 'gnorm_hist', 'gnorm_count', 'slow_p')  # any path's: kept as they are
+STATE_CARRIED = ('step', 'do_wd', 'force_train', 'gnorm_hist', 'gnorm_count', 'slow_p', KAHAN_KEY)  # any path's: kept as they are
 QUANTIZER_SLACK = 2**-15  # the CPU quantizer's lookup does not resolve codes closer than this (see the bound below)
 
 class PathConversionWarning(UserWarning):

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from .core import whole_norms, whole_sums_of, local_tensor, shard_group, tensor_bits
 from .lowbit import StateFormat, absmax_key, as_format, saved_format, encode_rows, decode_rows, key_formats
-from .lowprec import KAHAN_KEY, weight_rounding, rounded_weights, rounding_bits, noise_key, fold_compensation
+from .lowprec import (KAHAN_KEY, LOW_PRECISION, weight_rounding, rounded_weights, rounding_bits, noise_key,
+                                     stochastic_round, fold_compensation)
 
 # %% auto #0
 __all__ = ['BLOCK', 'LOWBIT_ROWS', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'Placement', 'FusedLayout', 'encode_scratch',
@@ -251,17 +252,27 @@ def _fused_apply(update:Callable, bufs:dict, scalars:Tensor, scalar_names:tuple,
     """Clip, decay and `update` rows of the buffers in place: `scalars` are group-wide, `vectors` hold one value per
     member. Low-bit state is decoded before the update; its new values go to `scratch` (fp32 rows) for `encode_scratch`"""
     p, g, kw = _kernel_inputs(bufs, scalars, scalar_names, vectors, vector_names, block_member, codecs)
-    scale, step = kw.pop('cautious_scale', None), kw.pop('sr_step', None)
+    scale, step = kw.pop('cautious_scale', None), kw.pop('noise_step', None)
     caution = uncautious if scale is None else partial(_cautious, scale=scale)
     out = update(p, g, **kw, **consts, caution=caution)
-    out.update(_stored_weights(out['p'], bufs, step))
-    for k, new in out.items(): (bufs if scratch is None or k not in scratch else scratch)[k].copy_(new)
+    for k, new in _stored(out, bufs, step, scratch or {}).items():
+        (bufs if scratch is None or k not in scratch else scratch)[k].copy_(new)
 
-def _stored_weights(new:Tensor, bufs:dict, step:Tensor|None) -> dict:
-    "The new weights as the layout stores them: stochastically rounded (at `step`), as a Kahan pair, or to nearest"
-    if step is None: return rounded_weights(new, bufs['p'].dtype, 'kahan' if KAHAN_KEY in bufs else None)
-    index = bufs['row'][:, None] * BLOCK + torch.arange(BLOCK, device=new.device)  # each element's place in the layout
-    return rounded_weights(new, bufs['p'].dtype, 'stochastic', rounding_bits(index, noise_key(step.to(torch.int64))))
+def _stored(out:dict, bufs:dict, step:Tensor|None, scratch:dict) -> dict:
+    """The update's new values as the layout stores them. Without a `step`: the weights to nearest, or as a Kahan pair,
+    and the state to nearest. With one (16-bit weights that round): the weights as a Kahan pair or stochastically
+    rounded, and 16-bit state stochastically rounded, with the noise of `step`"""
+    if step is None: return {**out, **rounded_weights(out['p'], bufs['p'].dtype, 'kahan' if KAHAN_KEY in bufs else None)}
+    index = bufs['row'][:, None] * BLOCK + torch.arange(BLOCK, device=out['p'].device)  # each element's place in the layout
+    step = step.to(torch.int64)
+    bits = lambda stream: rounding_bits(index, noise_key(step, 0, stream))
+    rounding = 'kahan' if KAHAN_KEY in bufs else 'stochastic'
+    stored = rounded_weights(out['p'], bufs['p'].dtype, rounding, bits(0) if rounding == 'stochastic' else None)
+    for j, (k, new) in enumerate(out.items()):
+        if k == 'p': continue
+        low = k not in scratch and bufs[k].dtype in LOW_PRECISION
+        stored[k] = stochastic_round(new, bufs[k].dtype, bits(1 + j)) if low else new
+    return stored
 
 def encode_scratch(bufs:dict, scratch:dict, codecs:tuple):
     "Encode the new low-bit state in `scratch` into the buffers' codes and block scales"
@@ -334,10 +345,8 @@ def group_layout(opt, group) -> FusedLayout:
         members |= {id(p) for p in old.params if id(p) in owners and tensor_key(opt, owners[id(p)], hyper) == group.key[1:]}
     params = [p for p in map(local_tensor, opt.param_lists[group.key[0]]) if id(p) in members]
     states = [opt.state[owners[id(p)]] for p in params]
-    kahan = weight_rounding(opt.hypers[group.key[0]], group.key[2]) == 'kahan'
-    keys = opt.state_keys + ((KAHAN_KEY,) if kahan else ())  # the compensation: one more buffer in the weights' dtype
-    formats = key_formats(group.state_bits, keys, opt.fused.unsigned, opt.fused.exact + (KAHAN_KEY,))
-    layouts[group.key] = FusedLayout(params, states, keys, staged=group.shard_group is not None, formats=formats)
+    formats = opt.state_formats(group.state_bits, opt.hypers[group.key[0]], group.key[2])  # Kahan: one more buffer
+    layouts[group.key] = FusedLayout(params, states, tuple(formats), staged=group.shard_group is not None, formats=formats)
     return layouts[group.key]
 
 def _warn_moved(opt):
@@ -371,7 +380,7 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None, eager:bool=False) -> b
                     p_scale=1 - h['lr'] * wd if decay and decouple else 1., l2=wd if decay and not decouple else 0.,
                     layout=layout, runs=place.runs, members=place.members)
     named = dict(opt.fused.scalars(h, fg), grad_scale=scales, p_scale=fg.p_scale, **({'l2': fg.l2} if fg.l2 else {}))
-    if rounding == 'stochastic': named['sr_step'] = float(group.states[0]['step'])
+    if rounding is not None: named['noise_step'] = float(group.states[0]['step'])
     cautious = bool(h.get('cautious', False))
     if opt.fused.sums is not None or cautious: named.update(_member_sums(opt, layout, place, named, cautious))
     _run(opt, layout, place, named, _fused_apply)
@@ -392,7 +401,7 @@ def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *e
     for a, b in place.runs:
         for rows in fused_chunks(layout.starts[a], layout.starts[b], LOWBIT_ROWS if lowbit else None):
             bufs = {k: buf[rows] for k, buf in layout.bufs.items()}
-            if 'sr_step' in named: bufs['row'] = layout.row_ids()[rows]
+            if 'noise_step' in named: bufs['row'] = layout.row_ids()[rows]
             scratch = {k: s[:rows.stop - rows.start] for k, s in layout.scratch(LOWBIT_ROWS).items()} if lowbit else None
             call = (update, bufs, *args, layout.block_member[rows], consts, layout.codecs, *extra)
             tail = (scratch,) if body is _fused_apply else ()

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 from .core import foreach_chunks, opt_partial, local_tensor
-from .lowprec import KAHAN_KEY
+from .lowprec import KAHAN_KEY, weight_rounding, working_weights, store_weights, noise_key
 from .radam import RAdam, RADAM_CHECKS
 from .eightbit import no_eightbit
 
@@ -54,21 +54,32 @@ class Lookahead:
 
     def _params(self) -> list[Tensor]: return [p for pg in self.opt.param_lists for p in pg]
 
+    def _rounding_params(self) -> list[tuple[Tensor, Tensor, str|None]]:
+        "Each parameter, its local tensor, and how its 16-bit weights round (`None`: to nearest, or not 16-bit)"
+        return [(p, local_tensor(p), weight_rounding(h, p.dtype)) for pg, h in zip(self.opt.param_lists, self.opt.hypers)
+                for p in pg]
+
     def _init_slow(self):
         "A slow copy of every parameter that lacks one, as fastai copies all weights before the first step"
-        for p in self._params():
-            s = self.opt.state[p]
-            if 'slow_p' not in s: s['slow_p'] = local_tensor(p).detach().clone()
+        for p, q, rounding in self._rounding_params():
+            if 'slow_p' not in self.opt.state[p]: self._start_slow(self.opt.state[p], q, rounding)
         self._slow_ready = True
+
+    @staticmethod
+    def _start_slow(s:dict, q:Tensor, rounding:str|None):
+        "Slow weights from the weights `q` hold: fp32 beside 16-bit weights that round, which they then rebuild exactly"
+        s['slow_p'] = working_weights([q], [s])[0].clone() if rounding is not None else q.detach().clone()
 
     def _sync(self):
         fast, slow = [], []
-        for p in self._params():
+        for n, (p, q, rounding) in enumerate(self._rounding_params()):
             s = self.opt.state[p]
-            if 'slow_p' not in s: s['slow_p'] = local_tensor(p).detach().clone()  # state replaced: start from here
-            else: fast.append(local_tensor(p).detach()); slow.append(s['slow_p'])
-            if KAHAN_KEY in s: s[KAHAN_KEY].zero_()  # the weights restart exactly at the slow weights
-        lookahead_(fast, slow, self.alpha)
+            if 'slow_p' not in s: self._start_slow(s, q, rounding)  # state replaced: start from here
+            elif rounding is None and KAHAN_KEY not in s: fast.append(q.detach()); slow.append(s['slow_p'])
+            else:  # 16-bit weights that round: the fp32 slow weights move to what the weights hold, then rebuild them
+                s['slow_p'] = s['slow_p'].float().lerp_(working_weights([q], [s])[0], self.alpha)
+                store_weights([q], [s], [s['slow_p'].clone()], rounding, [noise_key(self.count, n)])
+        if fast: lookahead_(fast, slow, self.alpha)
 
     @torch.no_grad()
     def step(self, closure:Callable|None=None):

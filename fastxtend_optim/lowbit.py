@@ -100,12 +100,18 @@ def decode_rows(codes:Tensor, absmax:Tensor, bits:int, signed:bool, exact:bool=F
 
 @dataclass(frozen=True)
 class StateFormat:
-    "How one state key of one tensor is stored in a fused layout: `bits` per element, and a signed or unsigned map"
+    """How one state key of one tensor is stored in a fused layout: `bits` per element, and a signed or unsigned map;
+    `wide`: 32 bits means fp32 even beside 16-bit weights (otherwise it means the weights' dtype)"""
     bits: int = 32
     signed: bool = True
+    wide: bool = False
 
     @property
     def quantized(self) -> bool: return self.bits in (8, 4)
+
+    def values_dtype(self, weights:torch.dtype) -> torch.dtype:
+        "The dtype of unquantized state beside weights of dtype `weights`: bf16 at 16 bits, else the weights'"
+        return torch.bfloat16 if self.bits == 16 else torch.float32 if self.wide else weights
 
     @property
     def block(self) -> int:
@@ -114,8 +120,7 @@ class StateFormat:
 
     def storage(self, rows:int, like:Tensor) -> dict[str, Tensor]:
         "Zeroed buffers for `rows` layout rows: the values (or codes) and, when quantized, the block scales"
-        if self.bits == 32: return {'': like.new_zeros(rows, 256)}
-        if self.bits == 16: return {'': like.new_zeros(rows, 256, dtype=torch.bfloat16)}
+        if self.bits in (32, 16): return {'': like.new_zeros(rows, 256, dtype=self.values_dtype(like.dtype))}
         codes = like.new_full((rows, self.bits * 32), self.zero_code(), dtype=torch.uint8)  # a row's 256 codes, packed
         return {'': codes, '_absmax': like.new_zeros(rows, 256 // self.block, dtype=torch.float32)}
 
@@ -206,8 +211,7 @@ def as_format(state:dict, key:str, p:Tensor, saved:StateFormat, target:StateForm
     if saved == target: return {k: state[k] for k in (key, absmax_key(key)) if k in state}
     x = decode_saved(state, key, p, saved)
     if not target.quantized:
-        dtype = torch.bfloat16 if target.bits == 16 else p.dtype
-        return {key: x.to(device=p.device, dtype=dtype, copy=True).reshape(p.shape)}
+        return {key: x.to(device=p.device, dtype=target.values_dtype(p.dtype), copy=True).reshape(p.shape)}
     codes, scales = encode_values(x.to(p.device, torch.float32), target)
     return {key: codes, absmax_key(key): scales}
 

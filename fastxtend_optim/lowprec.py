@@ -11,8 +11,8 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['KAHAN_KEY', 'LOW_PRECISION', 'rounding_flag', 'check_rounding', 'weight_rounding', 'rounded_weights', 'rounding_bits',
-           'stochastic_round', 'noise_key', 'working_weights', 'store_weights', 'working_states', 'store_states',
-           'fold_compensation']
+           'stochastic_round', 'noise_key', 'element_bits', 'stored_state', 'working_weights', 'store_weights',
+           'working_states', 'store_states', 'fold_compensation']
 
 # %% ../nbs/05_lowprec.ipynb #ee062559
 KAHAN_KEY = 'kahan_comp'  # the state key of a tensor's compensation
@@ -60,9 +60,17 @@ def stochastic_round(x:Tensor, dtype:torch.dtype, bits:Tensor) -> Tensor:
     raw = x.float().view(torch.int32)
     return ((raw + (bits & low).to(torch.int32)) & ~low).view(torch.float32).to(dtype)
 
-def noise_key(step:int, salt:int=0) -> int:
-    "The `rounding_bits` key of a step, for a tensor numbered `salt`"
-    return (step * 0x9E3779B1 + salt) & _MASK32
+def noise_key(step, salt:int=0, stream:int=0):
+    "The `rounding_bits` key of a `step` (an int or int64 tensor) for a tensor numbered `salt`: the weights' (`stream` 0) or state key `stream`-1's"
+    return (step * 0x9E3779B1 + salt + stream * 0x632BE5AB) & _MASK32
+
+def element_bits(t:Tensor, key) -> Tensor:
+    "`rounding_bits` for each element of `t`, by its index in `t`"
+    return rounding_bits(torch.arange(t.numel(), device=t.device).view(t.shape), key)
+
+def stored_state(v:Tensor, dtype:torch.dtype, key=None) -> Tensor:
+    "fp32 state `v` in `dtype`: 16-bit stochastically rounded with noise `key` where one is given, else to nearest"
+    return stochastic_round(v, dtype, element_bits(v, key)) if key is not None and dtype in LOW_PRECISION else v.to(dtype)
 
 # %% ../nbs/05_lowprec.ipynb #b12df267
 def working_weights(params:list[Tensor], states:list[dict]) -> list[Tensor]:
@@ -73,9 +81,7 @@ def store_weights(params:list[Tensor], states:list[dict], working:list[Tensor], 
     """The stepped `working` weights back into `params` with `rounding`; the compensation into `states` (and dropped when
     not Kahan). `keys`: each tensor's `noise_key` for stochastic rounding"""
     for p, s, w, key in zip(params, states, working, keys):
-        bits = None
-        if rounding == 'stochastic': bits = rounding_bits(torch.arange(w.numel(), device=w.device).view(w.shape), key)
-        new = rounded_weights(w, p.dtype, rounding, bits)
+        new = rounded_weights(w, p.dtype, rounding, element_bits(w, key) if rounding == 'stochastic' else None)
         p.copy_(new['p'])
         if rounding != 'kahan': s.pop(KAHAN_KEY, None)
         elif KAHAN_KEY in s: s[KAHAN_KEY].copy_(new[KAHAN_KEY])
@@ -87,14 +93,20 @@ def working_states(states:list[dict], keys:tuple) -> list[dict]:
     "Copies of `states` whose state `keys` are fp32 copies (everything else shared), for a step on working weights"
     return [{k: v.float() if k in keys and _is_float(v) else v for k, v in s.items()} for s in states]
 
-def store_states(params:list[Tensor], states:list[dict], working:list[dict], keys:tuple):
-    """What a step left in the `working` states, back into `states`: state `keys` rounded into the tensors they held (or,
-    new, in the weights' dtype), anything else as it is"""
-    for p, s, w in zip(params, states, working):
+def store_states(params:list[Tensor], states:list[dict], working:list[dict], keys:tuple, noise:list[int]|None=None,
+                 wide:tuple=()):
+    """What a step left in the `working` states, back into `states`: state `keys` in the dtype they had (new ones in the
+    weights' dtype; `wide` ones in fp32), 16-bit ones stochastically rounded with each tensor's `noise` key where given;
+    the rest as it is"""
+    for i, (p, s, w) in enumerate(zip(params, states, working)):
         for k, v in w.items():
-            if not (k in keys and _is_float(v)): s[k] = v
-            elif _is_float(s.get(k)): s[k].copy_(v)
-            else: s[k] = v.to(p.dtype)
+            if not (k in keys and _is_float(v)):
+                s[k] = v
+                continue
+            dtype = torch.float32 if k in wide else s[k].dtype if _is_float(s.get(k)) else p.dtype
+            new = stored_state(v, dtype, None if noise is None else noise_key(noise[i], 0, 1 + keys.index(k)))
+            if _is_float(s.get(k)) and s[k].dtype == dtype: s[k].copy_(new)
+            else: s[k] = new
 
 def fold_compensation(params:list[Tensor], states:list[dict]):
     "Add each held Kahan compensation into its weight and drop it: for a group that no longer uses Kahan summation"

@@ -17,6 +17,7 @@ from .core import (FXOptimizer, local_tensor, select_path, unit_interval, non_ne
                                   foreach_chunks, init_state, foreach_mul_)
 from .eightbit import no_eightbit
 from .fused import FusedSpec
+from .lowprec import KAHAN_KEY, working_weights, store_weights
 
 # %% auto #0
 __all__ = ['SCHEDULEFREE_FUSED', 'SCHEDULEFREE_CHECKS', 'schedulefree_adamw', 'sf_lr', 'sf_weight', 'sf_advance_', 'sf_numbers',
@@ -132,6 +133,7 @@ SCHEDULEFREE_CHECKS = dict(beta1=positive_unit_interval, beta2=unit_interval, ep
 class ScheduleFreeOptimizer(FXOptimizer):
     "An `FXOptimizer` whose weights hold $y$ in train mode and $x$ in eval mode; per-tensor schedules in the state"
     train_mode = True
+    weight_state = ('z',)  # a weight sequence: fp32 beside 16-bit weights that round (bf16 would lose its small steps)
 
     @torch.no_grad()
     def eval(self):
@@ -149,7 +151,11 @@ class ScheduleFreeOptimizer(FXOptimizer):
         for params, h in zip(self.param_lists, self.hypers):
             w = weight(h['beta1'])
             for p in params:
-                if 'z' in self.state[p]: local_tensor(p).lerp_(self.state[p]['z'], w)  # the package's op, for equal weights
+                s, q = self.state[p], local_tensor(p)
+                if 'z' not in s: continue
+                if q.dtype == s['z'].dtype and KAHAN_KEY not in s: q.lerp_(s['z'], w)  # the package's op, for equal weights
+                else: store_weights([q], [s], [working_weights([q], [s])[0].lerp_(s['z'].float(), w)],
+                                    'kahan' if KAHAN_KEY in s else None, [0])  # a 16-bit pair or weight, from fp32 z
 
     def step(self, closure=None):
         if not self.train_mode:

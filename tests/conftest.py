@@ -113,15 +113,35 @@ def frozen_run(opt, params, steps=20, frozen=8, step=None):
     return [p.detach().clone() for p in params]
 
 
-def assert_bf16_tracks_fp32(make, steps=8):
-    """bf16 parameters step (the fused kernel in fp32) and end within bf16 resolution of the same run in fp32;
-    `make(params)` builds the optimizer"""
+def held_weights(opt, params) -> list[torch.Tensor]:
+    "The weights `opt` holds, in fp32: each 16-bit weight plus its Kahan compensation where it has one"
+    from fastxtend_optim.lowprec import KAHAN_KEY
+    return [p.detach().float() + opt.state[p][KAHAN_KEY].float() if KAHAN_KEY in opt.state[p] else p.detach().float()
+            for p in params]
+
+
+def bf16_gap(make, steps=8) -> tuple[float, float]:
+    """bf16 weights and the same run in fp32 (`make(params)` builds the optimizer, with its default Kahan summation):
+    the mean gap between the weights they hold, and the mean distance the fp32 weights travelled"""
     lo, hi = make_params(dtype=torch.bfloat16), make_params()
     for p, q in zip(lo, hi): q.data = p.data.float()
-    for x, y in zip(run(make(lo), lo, steps), run(make(hi), hi, steps)):
-        assert x.dtype == torch.bfloat16 and x.isfinite().all()
-        # `steps` steps of at most ~lr (3e-3) each, plus bf16 rounding of values up to ~5 (2**-8 relative)
-        torch.testing.assert_close(x.float(), y, atol=0.05, rtol=2**-7)
+    start = [q.detach().clone() for q in hi]
+    opt = make(lo)
+    low = run(opt, lo, steps)
+    assert all(x.dtype == torch.bfloat16 and x.isfinite().all() for x in low)
+    full = run(make(hi), hi, steps)
+    mean_abs = lambda xs: torch.cat([x.flatten() for x in xs]).abs().mean().item()
+    return mean_abs([x - y for x, y in zip(held_weights(opt, lo), full)]), mean_abs([y - s for y, s in zip(full, start)])
+
+
+def assert_bf16_tracks_fp32(make, steps=8, share=0.02):
+    """bf16 weights with Kahan summation (the default) end within `share` of the fp32 weights' travel. Each step the
+    pair holds the weight within ~2**-17 |w|, and 16-bit state is stochastically rounded (a bf16 ulp of m or v,
+    2**-9 relative, that averages out): measured <= 0.7% after 3 and 8 steps on every optimizer and path; rounded to
+    nearest, bf16 weights miss 9% to 97% of the travel. The travel is real: > 5e-5 on average, 10 times what a pair
+    can miss (|w| < 4)"""
+    gap, travel = bf16_gap(make, steps)
+    assert travel > 5e-5 and gap <= share * travel, (gap, travel)
 
 
 def lockstep_absmax(eight, full, a, b, steps):
