@@ -14,6 +14,7 @@ from .eightbit import *
 from .fused import *
 from .lowbit import *
 from .lowprec import *
+from .release import *
 from .lion import *
 from .adam import *
 from .lars import *
@@ -32,7 +33,7 @@ from .sophia import *
 from .muon import *
 from .schedulefree import *
 
-_MODULES = ('core', 'eightbit', 'fused', 'lowbit', 'lowprec',
+_MODULES = ('core', 'eightbit', 'fused', 'lowbit', 'lowprec', 'release',
             'lion', 'adam', 'lars', 'sgd', 'rmsprop', 'adagrad', 'radam', 'qhadam', 'lamb', 'ademamix', 'lookahead',
             'adan', 'stableadamw', 'adopt', 'sophia', 'muon', 'schedulefree')
 __all__ = [n for m in _MODULES for n in importlib.import_module(f'fastxtend_optim.{m}').__all__]  # nbdev's own would be empty

@@ -112,17 +112,17 @@ def tensor_bits(opt:Optimizer, p:Tensor, hyper:dict) -> int:
     if getattr(opt, 'path', None) != 'fused' or p.is_complex() or not opt.fused_steps(p, hyper): return 32
     return tensor_state_bits(opt.state[p], hyper, p.numel())
 
-def gather_groups(opt:Optimizer) -> list[TensorGroup]:
+def gather_groups(opt:Optimizer, members:list[tuple[int, Tensor]]|None=None) -> list[TensorGroup]:
     """Group `opt`'s parameters that have a gradient by param group, device, dtype, `do_wd` and state bits (complex
-    tensors keep groups of their own)"""
-    groups = []
+    tensors keep groups of their own); only `members`, `(param group index, parameter)` pairs, where given"""
+    groups, members = [], _members(opt) if members is None else members
     for i, (params, hyper) in enumerate(zip(opt.param_lists, opt.hypers)):
         by_key = {}
-        for j, p in enumerate(params):
+        for p in (p for k, p in members if k == i):
             grad = p.grad
             if grad is None: continue
-            if grad.is_sparse: raise RuntimeError(f"parameter {j} of param group {i} has a sparse gradient: "
-                                                  "sparse gradients are not supported")
+            if grad.is_sparse: raise RuntimeError(f"parameter {_index(params, p)} of param group {i} has a sparse "
+                                                  "gradient: sparse gradients are not supported")
             state, shards, owner = opt.state[p], shard_group(p), p
             key = (i, p.device, p.dtype, state.get('do_wd', True), shards, tensor_bits(opt, p, hyper))
             p, grad = local_tensor(p), local_tensor(grad)
@@ -132,6 +132,9 @@ def gather_groups(opt:Optimizer) -> list[TensorGroup]:
             group.params.append(p); group.grads.append(grad); group.states.append(state); group.owners.append(owner)
         groups += by_key.values()
     return groups
+
+def _members(opt) -> list[tuple[int, Tensor]]: return [(i, p) for i, ps in enumerate(opt.param_lists) for p in ps]
+def _index(params, p) -> int: return next(j for j, q in enumerate(params) if q is p)
 
 # %% ../nbs/00_core.ipynb #1eb4b38c
 _SHARDED = [None]  # the process group whole-tensor sums reduce over, inside `sharded_over`
@@ -410,9 +413,15 @@ class FXOptimizer(Optimizer):
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
-        for group in gather_groups(self):
-            with sharded_over(group.shard_group): self._step_group(group)
+        self.step_tensors(None)
         return loss
+
+    @torch.no_grad()
+    def step_tensors(self, members:list[tuple[int, Tensor]]|None):
+        """Step the `(param group index, parameter)` pairs of `members` that have a gradient (all parameters when `None`):
+        gradient release steps each tensor, or fused group, as its gradients arrive"""
+        for group in gather_groups(self, members):
+            with sharded_over(group.shard_group): self._step_group(group)
 
     def _step_group(self, group:TensorGroup):
         "Step one tensor group on this optimizer's path"

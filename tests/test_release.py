@@ -1,0 +1,97 @@
+"""Gradient release through fastai: each tensor steps during backward, bitwise as the normal step, and frees its gradient."""
+from functools import partial
+import pytest
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.training import GradientClip, GradientAccumulation
+from fastxtend_optim.release import GradientRelease
+from fastxtend_optim.demo import digits_learner, digits_dls
+from conftest import PATH_KWARGS
+from test_common import OPTIMIZERS, CASES
+
+pytestmark = pytest.mark.cpu_only('fastai Learners on the digits data, on the CPU')
+REFUSED = {'sophia': "Sophia's Hessian refresh", 'ranger': 'Lookahead counts whole steps'}
+DLS = digits_dls()
+
+
+class NoGradsLeft(Callback):
+    "After every backward (release has run by then), no parameter holds a gradient; counts the backward passes"
+    order = GradientRelease.order + 1
+    def before_fit(self): self.checked = 0
+    def after_backward(self):
+        assert all(p.grad is None for p in self.learn.model.parameters())
+        self.checked += 1
+
+
+def learner(name, path, release, cbs=(), **kw):
+    extra = [GradientRelease(), NoGradsLeft()] if release else []
+    return digits_learner(partial(OPTIMIZERS[name], **PATH_KWARGS[path], **kw), dls=DLS, cbs=[*extra, *cbs])
+
+
+def weights(learn) -> list[torch.Tensor]: return [p.detach().clone() for p in learn.model.parameters()]
+
+
+def fitted(learn, fit=lambda l: l.fit_one_cycle(1, slice(1e-3, 1e-2))) -> list[torch.Tensor]:
+    with learn.no_bar(), learn.no_logging(): fit(learn)
+    return weights(learn)
+
+
+@pytest.mark.parametrize('name,path', [c for c in CASES if c[0] not in REFUSED])
+def test_release_steps_bitwise_as_a_normal_step(name, path):
+    "One epoch (fit_one_cycle) with discriminative learning rates: the same weights, to the bit, and no gradient kept"
+    # Schedule-Free refuses lr schedules: a flat lr per group
+    fit = (lambda l: l.fit(1, slice(1e-3, 1e-2))) if name == 'schedulefree_adamw' else (lambda l: l.fit_one_cycle(1, slice(1e-3, 1e-2)))
+    normal = fitted(learner(name, path, False), fit)
+    learn = learner(name, path, True)
+    released = fitted(learn, fit)
+    assert learn.no_grads_left.checked == len(DLS.train)
+    assert all(torch.equal(a, b) for a, b in zip(normal, released))
+    assert all(p.grad is None for p in learn.model.parameters())
+
+
+@pytest.mark.parametrize('name,path', [('adam', 'foreach'), ('lion', 'fused')])
+def test_release_with_freeze_bf16_mixed_precision_and_save_load(name, path, tmp_path):
+    "A frozen body (no hooks, no steps), then unfrozen; bf16 MixedPrecision; saved with the optimizer and reloaded"
+    def course(release):
+        learn = learner(name, path, release, cbs=[MixedPrecision(amp_mode='bf16')])
+        learn.path = tmp_path
+        learn.freeze()
+        frozen = [p for p in learn.model.parameters() if not p.requires_grad]  # the body's Linears (BatchNorm trains)
+        before = [p.detach().clone() for p in frozen]
+        fitted(learn)
+        assert len(frozen) == 4 and all(torch.equal(a, b) for a, b in zip(before, frozen))
+        learn.unfreeze()
+        fitted(learn)
+        learn.save(f'mid{release}', with_opt=True)
+        again = learner(name, path, release, cbs=[MixedPrecision(amp_mode='bf16')])
+        again.path = tmp_path
+        again.load(f'mid{release}', with_opt=True)
+        return fitted(again, lambda l: l.fit(1, 1e-3))
+    assert all(torch.equal(a, b) for a, b in zip(course(False), course(True)))
+
+
+def test_lr_find_with_release_restores_the_weights_and_removes_its_hooks():
+    learn = learner('adam', 'foreach', True)
+    start = weights(learn)
+    with learn.no_bar(), learn.no_logging(): found = learn.lr_find(show_plot=False)
+    assert found.valley > 0 and all(torch.equal(a, b) for a, b in zip(start, weights(learn)))
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (GradientRelease, NoGradsLeft))])
+    xb, yb = DLS.one_batch()
+    learn.loss_func(learn.model(xb), yb).backward()  # no hook left: the gradients stay
+    assert all(p.grad is not None for p in learn.model.parameters())
+
+
+@pytest.mark.parametrize('setup,match', [
+    (lambda: learner('sophia', 'foreach', True), REFUSED['sophia']),
+    (lambda: learner('ranger', 'foreach', True), REFUSED['ranger']),
+    (lambda: learner('adam', 'foreach', True, percentile_clipping=90), 'percentile_clipping'),
+    (lambda: learner('adam', 'fused', True, cbs=[GradientClip()]), 'GradientClip'),
+    (lambda: learner('adam', 'foreach', True, cbs=[GradientAccumulation(128)]), 'GradientAccumulation'),
+    (lambda: learner('adam', 'foreach', True, cbs=[MixedPrecision()]), 'fp16 MixedPrecision')])
+def test_what_needs_every_gradient_is_refused_before_any_step(setup, match):
+    learn = setup()
+    start = weights(learn)
+    with pytest.raises(ValueError, match=f'GradientRelease cannot run here: .*{match}'):
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(start, weights(learn)))
