@@ -8,11 +8,12 @@ Docs: https://fastxtend.github.io/fastxtend_optim/lowprec.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
+from fastai.callback.core import Callback
 
 # %% auto #0
 __all__ = ['KAHAN_KEY', 'LOW_PRECISION', 'rounding_flag', 'check_rounding', 'weight_rounding', 'rounded_weights', 'rounding_bits',
            'stochastic_round', 'noise_key', 'element_bits', 'stored_state', 'working_weights', 'store_weights',
-           'working_states', 'store_states', 'fold_compensation']
+           'working_states', 'store_states', 'fold_compensation', 'CastInputs']
 
 # %% ../nbs/05_lowprec.ipynb #ee062559
 KAHAN_KEY = 'kahan_comp'  # the state key of a tensor's compensation
@@ -112,3 +113,14 @@ def fold_compensation(params:list[Tensor], states:list[dict]):
     "Add each held Kahan compensation into its weight and drop it: for a group that no longer uses Kahan summation"
     for p, s in zip(params, states):
         if KAHAN_KEY in s: p.copy_((p.float() + s.pop(KAHAN_KEY).float()).to(p.dtype))
+
+# %% ../nbs/05_lowprec.ipynb #ec6f6bf5
+class CastInputs(Callback):
+    "Feed a model whose weights are 16-bit: float inputs cast to the weights' dtype, predictions back to fp32"
+    order = -5  # before the model runs, after the DataLoader's own transforms
+
+    def before_batch(self):
+        dtype = next(self.learn.model.parameters()).dtype
+        self.learn.xb = tuple(x.to(dtype) if torch.is_floating_point(x) else x for x in self.xb)
+
+    def after_pred(self): self.learn.pred = self.pred.float() if torch.is_floating_point(self.pred) else self.pred
