@@ -36,12 +36,12 @@ from .demo import digits_dls, digits_learner, PATH_FUNCS
 from .profiler import markdown_table  # also patches `Learner.profile`
 
 # %% auto #0
-__all__ = ['PATHS', 'NO_EIGHTBIT', 'OPTIMIZERS', 'LOWBIT_PATHS', 'RUN_PATHS', 'SIZES', 'MODEL_OPTS', 'ADAM_KW', 'SA_KW', 'FASTAI',
-           'BNB', 'OPTIMI', 'TORCHAO', 'STEP_HYPERS', 'PEERS', 'COMPILE_NOTE', 'PRECOMPILE_SHAPES', 'has_path',
-           'BenchError', 'fail', 'check_choices', 'check_positive', 'resolve_device', 'check_eightbit', 'launched',
-           'per_process', 'warmup_batches', 'train_runs', 'speedup_table', 'model_shapes', 'synthetic_params',
-           'fastai_lion_step', 'TorchMuonAdamW', 'step_implementations', 'FloorCopy', 'state_bytes', 'step_table',
-           'fxo_bench', 'run_bench', 'precompile_fused', 'hardware', 'model_header']
+__all__ = ['PATHS', 'NO_EIGHTBIT', 'OPTIMIZERS', 'LOWBIT_PATHS', 'RUN_PATHS', 'SIZES', 'MODEL_OPTS', 'MEMORY_OPTS', 'ADAM_KW',
+           'SA_KW', 'FASTAI', 'BNB', 'OPTIMI', 'TORCHAO', 'STEP_HYPERS', 'PEERS', 'COMPILE_NOTE', 'PRECOMPILE_SHAPES',
+           'has_path', 'BenchError', 'fail', 'check_choices', 'check_positive', 'resolve_device', 'check_eightbit',
+           'launched', 'per_process', 'warmup_batches', 'train_runs', 'speedup_table', 'model_shapes',
+           'synthetic_params', 'fastai_lion_step', 'TorchMuonAdamW', 'step_implementations', 'FloorCopy', 'state_bytes',
+           'step_table', 'fxo_bench', 'run_bench', 'precompile_fused', 'hardware', 'model_header']
 
 # %% ../nbs/42_bench.ipynb #8f60cae0
 PATHS = tuple(PATH_FUNCS)
@@ -117,6 +117,7 @@ from .models import TRAIN_MODELS, DEFAULT_MODEL, ModelUnavailable, build_model, 
 from .models import synthetic_dls, model_learner, batch_size, input_shape
 
 MODEL_OPTS = ['lion', 'adam', 'lars']  # the default for models other than digits: keeps the CPU default under 2 minutes
+MEMORY_OPTS = ['adam', 'lion']  # the `memory` mode's optimizers (the memory notebook's)
 
 def launched() -> int:
     "How many processes a launcher (torchrun, `accelerate launch`) started: 1 without one"
@@ -357,7 +358,7 @@ def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3
 # %% ../nbs/42_bench.ipynb #52ca8194
 @call_parse(pos=['mode'])
 def fxo_bench(
-    mode:str='train', # `train`: a fastai Learner per optimizer and path under the profiler; `step`: opt.step() alone vs peers
+    mode:str='train', # `train`: a fastai Learner per optimizer and path under the profiler; `step`: opt.step() alone vs peers; `memory`: peak bytes per parameter of each low-precision choice (adam, lion)
     opt:Annotated[str, {'nargs': '+'}]=None, # optimizers (default: all; `train` on a model other than digits: lion adam lars)
     path:Annotated[str, {'nargs': '+'}]=list(PATHS), # paths: native foreach fused eightbit, or the fused path with low-bit state: fused16 fused8 fused4
     model:Annotated[str, {'nargs': '+'}]=[DEFAULT_MODEL], # train: digits (real data, accuracy), xresnet-small, xresnet18/50/101, xse-resnext50, convnext-tiny/small, vit-s16, deberta-base
@@ -366,7 +367,7 @@ def fxo_bench(
     epochs:int=2, # train: epochs per run on digits
     bs:int=None, # train: batch size (default: the model's, 64 for digits)
     size:str='medium', # step: model size, one of small (0.4M params, 96 tensors), medium (5.5M, 600), large (22M, 600), xl (354M, 600)
-    params:float=None, # step: millions of parameters, overriding --size
+    params:float=None, # step: millions of parameters, overriding --size; memory: the model's size (default 100)
     tensors:int=None, # step: number of tensors, overriding --size
     rounds:int=11, # step: timed steps per implementation
     device:str='auto', # auto (CUDA when present), cpu or cuda[:N]
@@ -384,11 +385,12 @@ def fxo_bench(
 def run_bench(mode, opts, paths, epochs, bs, size, params, tensors, rounds, device, out, models=None, steps:int=20,
               full_size:bool=False, command:str|None=None, state_bits=()):
     "Check the options, run `mode`, print the tables and write them under `out`"
-    check_choices('mode', [mode], ('train', 'step'))
+    check_choices('mode', [mode], ('train', 'step', 'memory'))
     models = list(dict.fromkeys(models or [DEFAULT_MODEL]))
     if mode == 'train': check_choices('model', models, TRAIN_MODELS)
-    opts = opts or (MODEL_OPTS if mode == 'train' and models != ['digits'] else list(OPTIMIZERS))
-    check_choices('optimizer', opts, OPTIMIZERS)
+    opts = opts or (MODEL_OPTS if mode == 'train' and models != ['digits'] else MEMORY_OPTS if mode == 'memory'
+                    else list(OPTIMIZERS))
+    check_choices('optimizer', opts, MEMORY_OPTS if mode == 'memory' else OPTIMIZERS)
     check_choices('path', paths, RUN_PATHS)
     check_choices('size', [size], SIZES)
     check_positive(epochs=epochs, steps=steps, rounds=rounds,
@@ -405,6 +407,7 @@ def run_bench(mode, opts, paths, epochs, bs, size, params, tensors, rounds, devi
         if rank_distrib() == 0: out.mkdir(parents=True, exist_ok=True)
         print(f'fxo-bench {mode} on {dev} ({torch.get_num_threads()} threads), torch {torch.__version__}')
         if mode == 'train': return _train(opts, paths, epochs, bs, dev, out, models, steps, full_size, command)
+        if mode == 'memory': return _memory(opts, params or 100., dev, out)
         default_m, default_n = SIZES[size]
         _step(opts, paths, model_shapes(params or default_m, tensors or default_n), rounds, dev, out)
 
@@ -470,6 +473,15 @@ def _launch_note() -> str:
     n = launched()
     return '' if n == 1 else (f'; DDP over {n} processes (`learn.distrib_ctx()`): rank 0\'s timings, the batch size '
                               'and samples/s per process')
+
+def _memory(opts, params_m:float, dev, out):
+    "The bytes-per-parameter table of the `memory` notebook, on `dev`"
+    from fastxtend_optim.memory import memory_table
+    table = memory_table(tuple(opts), params_m=params_m, device=dev)
+    head = f'peak bytes per parameter of a training step, {params_m:g}M parameters (Linear 1024x1024 layers), {hardware(dev)}'
+    print('\n' + head + '\n' + table.to_string(float_format='%.2f', na_rep=''))
+    (out / 'memory.md').write_text(f'{head}\n\n{markdown_table(table.astype(object).fillna(""), digits=2)}')
+    print(f'\nwrote {out / "memory.md"}')
 
 def _step(opts, paths, shapes, rounds, dev, out):
     notes, text = [], []

@@ -86,6 +86,24 @@ def run_case(name:str, path:str, sharded:bool=False, steps:int=STEPS, **extra) -
     return whole_params(model, opt, sharded)
 
 
+# 16-bit weights that round: Kahan summation (the default) and stochastic rounding, sharded or whole
+ROUNDING_CASES = [('adam', p, 'kahan') for p in ('native', 'foreach', 'fused')] + \
+                 [('lion', p, 'stochastic') for p in ('foreach', 'fused')]
+ROUNDING_KW = dict(kahan={}, stochastic=dict(stochastic_round=True))
+
+def rounding_case(name:str, path:str, rounding:str, sharded:bool) -> list[torch.Tensor]:
+    "STEPS steps with bf16 weights and `rounding`: the whole weights after them"
+    model = make_model().to(torch.bfloat16)
+    if sharded: model = shard_model(model)
+    opt = make_opt(name, path, model, **ROUNDING_KW[rounding])
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    for step in range(STEPS):
+        x, y = batches(step, rank, world)
+        nn.functional.mse_loss(model(x.bfloat16()).float(), y).backward()
+        opt.step(); opt.zero_grad()
+    return whole_params(model, opt, sharded)
+
+
 # options that take a second whole-tensor quantity: it must share the first one's reduction
 REDUCTION_CASES = [('lars', p, dict(max_unorm=0.5, nesterov=True)) for p in ('native', 'foreach', 'fused', 'eightbit32')] + \
                   [('stableadamw', p, dict(cautious=True)) for p in ('native', 'foreach', 'fused')]
@@ -264,7 +282,7 @@ def one_process_order(items:list) -> list:
     return [items[r * half + k * RANK_BS + i] for k in range(half // RANK_BS) for r in range(WORLD)
             for i in range(RANK_BS)]
 
-def digits_learner_for(name:str, path:str, distributed:bool):
+def digits_learner_for(name:str, path:str, distributed:bool, **extra):
     from fastai.basics import Learner, DataLoaders, DataLoader, CrossEntropyLossFlat
     import fastxtend_optim.distributed  # Learner.distrib_ctx, and DistributedDL on the CPU
     from fastxtend_optim.demo import body_head_splitter
@@ -274,7 +292,7 @@ def digits_learner_for(name:str, path:str, distributed:bool):
     dls = DataLoaders(DataLoader(items, bs=bs, shuffle=False, drop_last=True), DataLoader(items[:64], bs=64))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU()), nn.Linear(32, 10))
-    spec, kw = OPTIMIZERS[name], dict({**PATH_KW, **LOWBIT_KW}[path])
+    spec, kw = OPTIMIZERS[name], dict({**PATH_KW, **LOWBIT_KW}[path], **extra)
     kw.pop('min_8bit_size', None)
     cbs = (spec['cbs']() if 'cbs' in spec else []) + ([AllLowBit()] if 'state_bits' in kw else [])
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=spec['partial'](**kw), splitter=body_head_splitter,
@@ -285,8 +303,13 @@ def fit_digits(learn, spec, epochs:int=1):
         if spec.get('fit') == 'fit': learn.fit(epochs, spec['lr'])
         else: learn.fit_one_cycle(epochs, spec['lr'])
 
-def fastai_case(name:str, path:str, distributed:bool) -> list[torch.Tensor]:
-    learn, spec = digits_learner_for(name, path, distributed)
+def fastai_case(name:str, path:str, distributed:bool, rounding:str|None=None) -> list[torch.Tensor]:
+    "One epoch; with `rounding`, in pure bf16 (`CastInputs`) with Kahan summation or stochastic rounding"
+    learn, spec = digits_learner_for(name, path, distributed, **(ROUNDING_KW[rounding] if rounding else {}))
+    if rounding:
+        from fastxtend_optim.lowprec import CastInputs
+        learn.model.bfloat16()
+        learn.add_cb(CastInputs())
     if distributed:
         with learn.distrib_ctx(sync_bn=False, cpu=True): fit_digits(learn, spec)
     else: fit_digits(learn, spec)
@@ -323,6 +346,19 @@ def learner_resume_case(path:str, out:str) -> dict:
                 steps=second.opt.state[next(iter(second.model.parameters()))]['step'],
                 profiled=len(second.profiler.durations.get('opt_step', [])))
 
+def release_refusal_case() -> str:
+    "GradientRelease under DDP: `fit` must refuse it before any step (the message), weights untouched"
+    from fastxtend_optim.release import GradientRelease
+    learn, _ = digits_learner_for('adam', 'foreach', True)
+    learn.add_cb(GradientRelease())
+    start = [p.detach().clone() for p in learn.model.parameters()]
+    try:
+        with learn.distrib_ctx(sync_bn=False, cpu=True), learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    except ValueError as e:
+        moved = any(not torch.equal(a, b) for a, b in zip(start, learn.model.parameters()))
+        return f'{e} (weights moved: {moved})'
+    return 'not refused'
+
 def gather_to_rank0(results:dict, out:str):
     "Every rank's results, saved by rank 0 as a list indexed by rank"
     everyone = [None] * dist.get_world_size()
@@ -339,6 +375,7 @@ def main(mode:str, out:str):
         results = {(n, p): guarded(run_case, n, p, True) for n, p in cases()}
         results.update({('all_reduces', n, p): guarded(all_reduces_per_step, n, p) for n, p in cases()})
         results['finite'] = guarded(finite_flags)
+        results.update({('rounding', n, p, r): guarded(rounding_case, n, p, r, True) for n, p, r in ROUNDING_CASES})
         results.update({('wide', n): guarded(wide_case, n, True, **kw) for n, kw in WIDE_CASES})
         results.update({(n, p): guarded(run_case, n, p, True) for n, p in LOWBIT_CASES})
         results.update({('all_reduces', n, p): guarded(all_reduces_per_step, n, p) for n, p in LOWBIT_CASES})
@@ -347,6 +384,8 @@ def main(mode:str, out:str):
             results['options', n, p, *kw] = guarded(run_case, n, p, True, **kw)
     elif mode == 'fastai':
         results = {(n, p): guarded(fastai_case, n, p, True) for n, p in fastai_cases() + LOWBIT_FASTAI}
+        results.update({('rounding', n, p, r): guarded(fastai_case, n, p, True, r) for n, p, r in ROUNDING_CASES})
+        results['release_refused'] = guarded(release_refusal_case)
         results.update({('resume', p): guarded(learner_resume_case, p, out) for p in ('foreach', 'fused', 'eightbit')})
     elif mode == 'dcp':
         results = {(n, p): guarded(checkpoint_case, n, p, checkpoint_dir(out, n, p)) for n, p in cases() + LOWBIT_CASES}
