@@ -180,9 +180,9 @@ def test_fsdp2_rounding_matches_one_process(fsdp, name, path, rounding):
 def test_gradient_release_is_refused_under_ddp(ddp):
     "Release would step each tensor on this rank's gradient, before DDP averages it: refused at `fit`, on every rank"
     for rank in (0, 1):
-        assert ddp[rank]['release_refused'] == ("GradientRelease cannot run here: DDP and FSDP2 average gradients across "
-                                                "ranks after the hook fires: the step would use this rank's alone "
-                                                "(weights moved: False)")
+        got = ddp[rank]['release_refused']  # fastai prefixes the callback and event
+        assert ("GradientRelease cannot run here: DDP and FSDP2 average gradients across ranks after the hook fires: "
+                "the step would use this rank's alone") in got and got.endswith('(weights moved: False)'), got
 
 
 @pytest.mark.parametrize('path', ['foreach', 'fused', 'eightbit'])
