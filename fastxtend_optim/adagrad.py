@@ -89,13 +89,13 @@ def _adagrad_args(hypers:dict, foreach, eightbit, fused, eightbitargs) -> tuple:
     return select_path(foreach, eightbit, fused), eightbit_args(eightbit, ADAGRAD_CHECKS, **eightbitargs)
 
 def Adagrad(params, lr:float, eps:float=1e-10, wd:float=0., decouple_wd:bool=False, lr_decay:float=0.,
-            initial_accumulator_value:float=0., foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False,
+            initial_accumulator_value:float=0., foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+            kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
             percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for Adagrad on the native, ForEach, fused or bitsandbytes path"
     hypers = dict(eps=eps, wd=wd, decouple_wd=decouple_wd, lr_decay=lr_decay,
-                  initial_accumulator_value=initial_accumulator_value, percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                  initial_accumulator_value=initial_accumulator_value, percentile_clipping=percentile_clipping, state_bits=state_bits,
+                  kahan_sum=kahan_sum, stochastic_round=stochastic_round)
     path, args = _adagrad_args(hypers, foreach, eightbit, fused, eightbitargs)
     return FXOptimizer(params, [adagrad_step], adagrad_foreach_step, state_keys=('sqr_sum',), path=path,
                        checks=ADAGRAD_CHECKS, eightbit=ADAGRAD_8BIT, eightbit_args=args, fused=ADAGRAD_FUSED, lr=lr,

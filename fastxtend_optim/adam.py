@@ -92,8 +92,8 @@ def _adam_args(foreach, eightbit, fused, amsgrad, cautious, eightbitargs) -> tup
     return select_path(foreach, eightbit, fused), eightbit_args(eightbit, ADAM_CHECKS, **eightbitargs)
 
 def Adam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0.01, decouple_wd:bool=True,
-         amsgrad:bool=False, cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False,
+         amsgrad:bool=False, cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
          percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for Adam (`decouple_wd=False`) or AdamW on the native, ForEach, fused or bitsandbytes path"
     path, args = _adam_args(foreach, eightbit, fused, amsgrad, cautious, eightbitargs)
@@ -101,8 +101,8 @@ def Adam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd
     return FXOptimizer(params, [partial(adam_step, amsgrad=amsgrad)], partial(adam_foreach_step, amsgrad=amsgrad),
                        state_keys=keys, path=path, checks=ADAM_CHECKS, eightbit=ADAM_8BIT, eightbit_args=args,
                        fused=ADAM_FUSED, complex_ok=True, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
-                       decouple_wd=decouple_wd, cautious=cautious, percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                       decouple_wd=decouple_wd, cautious=cautious, percentile_clipping=percentile_clipping, state_bits=state_bits,
+                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/11_adam.ipynb #452888eb
 adam = opt_partial(Adam)

@@ -126,8 +126,8 @@ ADAN_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, beta3=unit_interval
 
 # %% ../nbs/21_adan.ipynb #c3ad4f78
 def Adan(params, lr:float, beta1:float=0.98, beta2:float=0.92, beta3:float=0.99, eps:float=1e-6, wd:float=0.02,
-         adam_wd:bool=False, cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False,
+         adam_wd:bool=False, cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
          percentile_clipping:float=100, **kwargs) -> FXOptimizer:
     "A fastai `Optimizer` for Adan (`cautious=True`: Cautious Adan) on the native, ForEach or fused path"
     check_cautious(cautious, False)
@@ -135,8 +135,8 @@ def Adan(params, lr:float, beta1:float=0.98, beta2:float=0.92, beta3:float=0.99,
     return FXOptimizer(params, [adan_step], adan_foreach_step, state_keys=('grad_avg', 'diff_avg', 'sqr_avg', 'prev_grad'),
                        path=select_path(foreach, False, fused), checks=ADAN_CHECKS, fused=ADAN_FUSED, own_decay=True,
                        lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, wd=wd, adam_wd=adam_wd,
-                       cautious=cautious, percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                       cautious=cautious, percentile_clipping=percentile_clipping, state_bits=state_bits,
+                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/21_adan.ipynb #ec4dd8c8
 adan = opt_partial(Adan)

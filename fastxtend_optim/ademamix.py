@@ -115,13 +115,13 @@ def _ademamix_args(foreach, eightbit, fused, hypers, eightbitargs) -> tuple:
 # %% ../nbs/19_ademamix.ipynb #7b2d9146
 def AdEMAMix(params, lr:float, beta1:float=0.9, beta2:float=0.999, beta3:float=0.9999, alpha:float=5.,
              t_alpha:int|None=None, t_beta3:int|None=None, eps:float=1e-8, wd:float=0.01, decouple_wd:bool=True,
-             foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
+             foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+             kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
              **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for AdEMAMix on the native, ForEach, fused or bitsandbytes path"
     hypers = dict(beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps, wd=wd,
-                  decouple_wd=decouple_wd, percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                  decouple_wd=decouple_wd, percentile_clipping=percentile_clipping, state_bits=state_bits,
+                  kahan_sum=kahan_sum, stochastic_round=stochastic_round)
     path, args = _ademamix_args(foreach, eightbit, fused, hypers, eightbitargs)
     return FXOptimizer(params, [ademamix_step], ademamix_foreach_step, state_keys=('grad_avg', 'slow_avg', 'sqr_avg'),
                        path=path, checks=ADEMAMIX_CHECKS, group_check=check_beta3_schedule, eightbit=ADEMAMIX_8BIT,

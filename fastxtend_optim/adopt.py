@@ -82,16 +82,16 @@ ADOPT_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, eps=positive, deco
 
 # %% ../nbs/23_adopt.ipynb #3a8045c3
 def ADOPT(params, lr:float, beta1:float=0.9, beta2:float=0.9999, eps:float=1e-6, wd:float=0., decouple_wd:bool=False,
-          cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False,
+          cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+          kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
           percentile_clipping:float=100, **kwargs) -> FXOptimizer:
     "A fastai `Optimizer` for ADOPT (with Cautious masking when `cautious`) on the native, ForEach or fused path"
     no_eightbit('ADOPT', eightbit, kwargs, ADOPT_CHECKS)
     return FXOptimizer(params, [adopt_step], adopt_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
                        path=select_path(foreach, False, fused), checks=ADOPT_CHECKS, fused=ADOPT_FUSED, lr=lr,
                        beta1=beta1, beta2=beta2, eps=eps, wd=wd, decouple_wd=decouple_wd, cautious=cautious,
-                       percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                       percentile_clipping=percentile_clipping, state_bits=state_bits,
+                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/23_adopt.ipynb #b18be816
 adopt = opt_partial(ADOPT)

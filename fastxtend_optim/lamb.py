@@ -156,14 +156,14 @@ LAMB_FUSED = FusedSpec(lamb_update, lamb_scalars, unsigned=('sqr_avg',))
 LAMB_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, percentile_clipping=percentile_range)
 
 def Lamb(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0., decouple_wd:bool=True,
-         foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
+         foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
          **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for LAMB on the native, ForEach, fused or bitsandbytes path"
     return FXOptimizer(params, [lamb_step], lamb_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
                        path=select_path(foreach, eightbit, fused), checks=LAMB_CHECKS, eightbit=LAMB_8BIT,
                        eightbit_args=eightbit_args(eightbit, LAMB_CHECKS, **eightbitargs), fused=LAMB_FUSED, lr=lr, mom=mom,
-                       sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd, percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                       sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd, percentile_clipping=percentile_clipping, state_bits=state_bits,
+                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 lamb = opt_partial(Lamb)

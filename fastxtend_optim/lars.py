@@ -154,13 +154,13 @@ def _lars_args(foreach, eightbit, fused, hypers, eightbitargs) -> tuple:
 # %% ../nbs/12_lars.ipynb #b2cbc309
 def Lars(params, lr:float, mom:float=0.9, dampening:float=0., nesterov:bool=False, trust_coeff:float|None=0.02,
          clip:bool=False, eps:float=1e-8, wd:float=0., decouple_wd:bool=True, max_unorm:float=0.,
-         foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
+         foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
          **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for LARS (LARC with `clip=True`) on the native, ForEach, fused or bitsandbytes path"
     hypers = dict(mom=mom, dampening=dampening, nesterov=nesterov, trust_coeff=trust_coeff, clip=clip, eps=eps, wd=wd,
-                  decouple_wd=decouple_wd, max_unorm=max_unorm, percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                  decouple_wd=decouple_wd, max_unorm=max_unorm, percentile_clipping=percentile_clipping, state_bits=state_bits,
+                  kahan_sum=kahan_sum, stochastic_round=stochastic_round)
     path, args = _lars_args(foreach, eightbit, fused, hypers, eightbitargs)
     return FXOptimizer(params, [lars_step], lars_foreach_step, state_keys=('grad_avg',), path=path,
                        checks=LARS_CHECKS, group_check=check_nesterov, eightbit=LARS_8BIT, eightbit_args=args,

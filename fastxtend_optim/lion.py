@@ -62,8 +62,8 @@ LION_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, cautious=boolean, p
 
 # %% ../nbs/10_lion.ipynb #241cb9d4
 def Lion(params, lr:float, beta1:float=0.9, beta2:float=0.99, wd:float=0.1, cautious:bool=False,
-         foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
+         foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
          **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for Lion on the native, ForEach (`foreach`), `fused` or bitsandbytes (`eightbit`) path"
     path = select_path(foreach, eightbit, fused)
@@ -71,8 +71,8 @@ def Lion(params, lr:float, beta1:float=0.9, beta2:float=0.99, wd:float=0.1, caut
     args = eightbit_args(eightbit, LION_CHECKS, **eightbitargs)
     return FXOptimizer(params, [lion_step], lion_foreach_step, state_keys=('grad_avg',), path=path,
                        checks=LION_CHECKS, eightbit=LION_8BIT, eightbit_args=args, fused=LION_FUSED, lr=lr, beta1=beta1,
-                       beta2=beta2, wd=wd, cautious=cautious, percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                       beta2=beta2, wd=wd, cautious=cautious, percentile_clipping=percentile_clipping, state_bits=state_bits,
+                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/10_lion.ipynb #17c304de
 lion = opt_partial(Lion)

@@ -117,15 +117,15 @@ class Lookahead:
 # %% ../nbs/20_lookahead.ipynb #8e6d2ee3
 def Ranger(params, lr:float, mom:float=0.95, wd:float=0.01, eps:float=1e-6, k:int=6, alpha:float=0.5,
            sqr_mom:float=0.99, beta:float=0., decouple_wd:bool=True, foreach:bool|None=None, fused:bool=False,
-           state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100, **kwargs) -> Lookahead:
+           state_bits:int=32,
+           kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100, **kwargs) -> Lookahead:
     "`Lookahead` around `RAdam`, on the native, ForEach or fused path"
     no_eightbit('Ranger', eightbit, kwargs, RADAM_CHECKS)
     check_lookahead(k, alpha)
     return Lookahead(RAdam(params, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta, decouple_wd=decouple_wd,
                            foreach=foreach, fused=fused, percentile_clipping=percentile_clipping,
-                           state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round), k=k, alpha=alpha)
+                           state_bits=state_bits,
+                           kahan_sum=kahan_sum, stochastic_round=stochastic_round), k=k, alpha=alpha)
 
 # %% ../nbs/20_lookahead.ipynb #5e0f19dc
 _ranger_partial = opt_partial(Ranger)

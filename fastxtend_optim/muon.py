@@ -238,15 +238,15 @@ def dict_groups(params, hypers:dict) -> tuple[list, dict]:
 
 def Muon(params, lr:float, mom:float=0.95, nesterov:bool=True, wd:float=0.1, ns_steps:int=5, eps:float=1e-7,
          adam_lr_mult:float=1., adam_mom:float=0.9, adam_sqr_mom:float=0.999, adam_eps:float=1e-8, adam_wd:float=0.01,
-         muon:bool|None=None, foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False,
+         muon:bool|None=None, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
          percentile_clipping:float=100, **kwargs) -> MuonOptimizer:
     "A fastai `Optimizer` for Muon on the hidden matrices and AdamW on the other tensors, on the native, ForEach or fused path"
     no_eightbit('Muon', eightbit, kwargs, MUON_CHECKS)
     params, hypers = dict_groups(params, dict(lr=lr, mom=mom, nesterov=nesterov, wd=wd, ns_steps=ns_steps, eps=eps,
         adam_lr_mult=adam_lr_mult, adam_mom=adam_mom, adam_sqr_mom=adam_sqr_mom, adam_eps=adam_eps, adam_wd=adam_wd,
-        muon=muon, percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round))
+        muon=muon, percentile_clipping=percentile_clipping, state_bits=state_bits,
+        kahan_sum=kahan_sum, stochastic_round=stochastic_round))
     return MuonOptimizer(params, [partial(adam_step)], adam_foreach_step, state_keys=ADAMW_STATE,
                          path=select_path(foreach, False, fused), checks=MUON_CHECKS, fused=ADAM_FUSED, **hypers)
 

@@ -76,16 +76,16 @@ QHADAM_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, nu_1=closed_unit_
 
 # %% ../nbs/17_qhadam.ipynb #74efe8e2
 def QHAdam(params, lr:float, mom:float=0.999, sqr_mom:float=0.999, nu_1:float=0.7, nu_2:float=1.0, eps:float=1e-8,
-           wd:float=0., decouple_wd:bool=True, foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False,
+           wd:float=0., decouple_wd:bool=True, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+           kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
            percentile_clipping:float=100, **kwargs) -> FXOptimizer:
     "A fastai `Optimizer` for QHAdam (`decouple_wd=False`) or QHAdamW on the native, ForEach or fused path"
     no_eightbit('QHAdam', eightbit, kwargs, QHADAM_CHECKS)
     return FXOptimizer(params, [qhadam_step], qhadam_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
                        path=select_path(foreach, False, fused), checks=QHADAM_CHECKS, fused=QHADAM_FUSED, lr=lr,
                        mom=mom, sqr_mom=sqr_mom, nu_1=nu_1, nu_2=nu_2, eps=eps, wd=wd, decouple_wd=decouple_wd,
-                       percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                       percentile_clipping=percentile_clipping, state_bits=state_bits,
+                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/17_qhadam.ipynb #5a3daf78
 qhadam = opt_partial(QHAdam)

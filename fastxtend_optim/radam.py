@@ -104,16 +104,16 @@ RADAM_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, 
 
 # %% ../nbs/16_radam.ipynb #34cbb03d
 def RAdam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0., beta:float=0.,
-          decouple_wd:bool=True, foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False,
+          decouple_wd:bool=True, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+          kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
           percentile_clipping:float=100, **kwargs) -> FXOptimizer:
     "A fastai `Optimizer` for RAdam (`decouple_wd=False`), RAdamW or SAdam (`beta` > 0) on the native, ForEach or fused path"
     no_eightbit('RAdam', eightbit, kwargs, RADAM_CHECKS)
     return FXOptimizer(params, [radam_step], radam_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
                        path=select_path(foreach, False, fused), checks=RADAM_CHECKS, fused=RADAM_FUSED, lr=lr, mom=mom,
                        sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta, decouple_wd=decouple_wd,
-                       percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                       percentile_clipping=percentile_clipping, state_bits=state_bits,
+                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/16_radam.ipynb #cee19219
 radam = opt_partial(RAdam)

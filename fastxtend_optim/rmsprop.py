@@ -79,13 +79,13 @@ def _rmsprop_args(hypers:dict, foreach, eightbit, fused, eightbitargs) -> tuple:
     return path, eightbit_args(eightbit, RMSPROP_CHECKS, **eightbitargs)
 
 def RMSProp(params, lr:float, mom:float=0., sqr_mom:float=0.99, eps:float=1e-8, wd:float=0., decouple_wd:bool=True,
-            foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
+            foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+            kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
             **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for RMSProp, with momentum when `mom` > 0, on the native, ForEach, fused or bitsandbytes path"
     hypers = dict(mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd,
-                  percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                  percentile_clipping=percentile_clipping, state_bits=state_bits,
+                  kahan_sum=kahan_sum, stochastic_round=stochastic_round)
     path, args = _rmsprop_args(hypers, foreach, eightbit, fused, eightbitargs)
     keys = ('grad_avg', 'sqr_avg') if mom != 0 else ('sqr_avg',)
     return FXOptimizer(params, [rmsprop_step], rmsprop_foreach_step, state_keys=keys, path=path,

@@ -204,16 +204,16 @@ class ScheduleFreeOptimizer(FXOptimizer):
 # %% ../nbs/26_schedulefree.ipynb #6d79c67a
 def ScheduleFreeAdamW(params, lr:float, beta1:float=0.9, beta2:float=0.999, eps:float=1e-8, wd:float=0.,
                       warmup_steps:int=0, r:float=0., weight_lr_power:float=2., foreach:bool|None=None, fused:bool=False,
-                      state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100, **kwargs) -> ScheduleFreeOptimizer:
+                      state_bits:int=32,
+                      kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100, **kwargs) -> ScheduleFreeOptimizer:
     "A fastai `Optimizer` for Schedule-Free AdamW on the native, ForEach or fused path; `train()`/`eval()` switch weights"
     no_eightbit('ScheduleFreeAdamW', eightbit, kwargs, SCHEDULEFREE_CHECKS)
     return ScheduleFreeOptimizer(params, [schedulefree_step], schedulefree_foreach_step, state_keys=('z', 'exp_avg_sq'),
                                  path=select_path(foreach, False, fused), checks=SCHEDULEFREE_CHECKS,
                                  fused=SCHEDULEFREE_FUSED, own_decay=True, lr=lr, beta1=beta1, beta2=beta2, eps=eps, wd=wd,
                                  warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
-                                 percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                                 percentile_clipping=percentile_clipping, state_bits=state_bits,
+                                 kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/26_schedulefree.ipynb #c67fc89e
 schedulefree_adamw = opt_partial(ScheduleFreeAdamW)

@@ -82,13 +82,13 @@ def _sgd_args(hypers:dict, foreach, eightbit, fused, eightbitargs) -> tuple:
     return path, eightbit_args(eightbit, SGD_CHECKS, **eightbitargs)
 
 def SGD(params, lr:float, mom:float=0., wd:float=0., decouple_wd:bool=True, dampening:float=0., nesterov:bool=False,
-        foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
+        foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+        kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
         **eightbitargs) -> FXOptimizer:
     "A fastai `Optimizer` for SGD, with momentum when `mom` > 0, on the native, ForEach, fused or bitsandbytes path"
     hypers = dict(mom=mom, wd=wd, decouple_wd=decouple_wd, dampening=dampening, nesterov=nesterov,
-                  percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                  percentile_clipping=percentile_clipping, state_bits=state_bits,
+                  kahan_sum=kahan_sum, stochastic_round=stochastic_round)
     path, args = _sgd_args(hypers, foreach, eightbit, fused, eightbitargs)
     return FXOptimizer(params, [sgd_step], sgd_foreach_step, state_keys=('grad_avg',) if mom != 0 else (),
                        path=path, checks=SGD_CHECKS, group_check=check_nesterov, eightbit=SGD_8BIT,

@@ -86,15 +86,15 @@ SOPHIA_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, rho=non_negative,
                      percentile_clipping=percentile_range)
 
 def Sophia(params, lr:float, mom:float=0.965, sqr_mom:float=0.99, rho:float=0.04, eps:float=1e-15, wd:float=0.1,
-           foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
+           foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+           kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
            **kwargs) -> SophiaOptimizer:
     "A fastai `Optimizer` for Sophia (SophiaG) on the native, ForEach or fused path; add `SophiaCallback` to a Learner"
     no_eightbit('Sophia', eightbit, kwargs, SOPHIA_CHECKS)
     return SophiaOptimizer(params, [sophia_step], sophia_foreach_step, state_keys=('grad_avg', 'hessian'),
                            path=select_path(foreach, False, fused), checks=SOPHIA_CHECKS, fused=SOPHIA_FUSED, lr=lr,
-                           mom=mom, sqr_mom=sqr_mom, rho=rho, eps=eps, wd=wd, percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                           mom=mom, sqr_mom=sqr_mom, rho=rho, eps=eps, wd=wd, percentile_clipping=percentile_clipping, state_bits=state_bits,
+                           kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/24_sophia.ipynb #4922322d
 sophia = opt_partial(Sophia)

@@ -125,16 +125,16 @@ STABLEADAMW_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_nega
 
 # %% ../nbs/22_stableadamw.ipynb #319e8486
 def StableAdamW(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-6, wd:float=0.01,
-                cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32, kahan_sum:bool|None=None,
-         stochastic_round:bool=False, eightbit:bool=False,
+                cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
+                kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
                 percentile_clipping:float=100, **kwargs) -> FXOptimizer:
     "A fastai `Optimizer` for StableAdamW (optionally Cautious) on the native, ForEach or fused path"
     no_eightbit('StableAdamW', eightbit, kwargs, STABLEADAMW_CHECKS)
     return FXOptimizer(params, [stableadamw_step], stableadamw_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
                        path=select_path(foreach, False, fused), checks=STABLEADAMW_CHECKS, fused=STABLEADAMW_FUSED,
                        own_decay=True, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, cautious=cautious,
-                       percentile_clipping=percentile_clipping, state_bits=state_bits, kahan_sum=kahan_sum,
-                       stochastic_round=stochastic_round)
+                       percentile_clipping=percentile_clipping, state_bits=state_bits,
+                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/22_stableadamw.ipynb #954a187a
 stableadamw = opt_partial(StableAdamW)
