@@ -449,7 +449,9 @@ class FXOptimizer(Optimizer):
 
     def _noise_keys(self, group:TensorGroup) -> list[int]:
         "Each tensor's `noise_key` for stochastic rounding: its step, salted with its place in the optimizer"
-        number = {id(p): n for n, (p, *_) in enumerate(self.all_params())}
+        number = self.__dict__.get('_numbers')
+        if number is None or any(id(o) not in number for o in group.owners):  # built once, not per tensor and step
+            number = self._numbers = {id(p): n for n, (p, *_) in enumerate(self.all_params())}
         return [noise_key(s['step'], number[id(o)]) for s, o in zip(group.states, group.owners)]
 
     def _fused_step(self, group, scales) -> bool:
@@ -470,7 +472,7 @@ class FXOptimizer(Optimizer):
 
     def __getstate__(self):
         "Pickle without the fused path's layouts: they are keyed by object ids, and rebuilt at the next step"
-        return {k: v for k, v in self.__dict__.items() if k != '_fused_layouts'}
+        return {k: v for k, v in self.__dict__.items() if k not in ('_fused_layouts', '_numbers')}
 
     def step_hypers(self, group) -> dict:
         "The hypers a step sees; with `own_decay`, `wd` is 0 for fastai's `do_wd=False` tensors"
@@ -512,7 +514,7 @@ class FXOptimizer(Optimizer):
         if len(sd['hypers']) != len(self.param_lists) or len(sd['state']) != n_params:
             raise ValueError(f"the saved state has {len(sd['hypers'])} param groups and {len(sd['state'])} parameters; "
                              f"this optimizer has {len(self.param_lists)} and {n_params}")
-        hypers = [self._own_state_bits(h, mine) for h, mine in zip(sd['hypers'], self.hypers)]
+        hypers = [self._own_storage(h, mine) for h, mine in zip(sd['hypers'], self.hypers)]
         for h in hypers: check_hypers(self.checks, **h)
         states, notes = self._lowbit_states(sd['state'], hypers)
         foreign = self._foreign_state_keys(states)
@@ -525,15 +527,18 @@ class FXOptimizer(Optimizer):
             notes.append(str(note))
         self._check_state_shapes(states)
         super().load_state_dict({'state': states, 'hypers': L(hypers)})
+        self.__dict__.pop('_fused_layouts', None)  # rebuilt at the next step, from the loaded state
         if notes:
             from fastxtend_optim.eightbit import PathConversionWarning
             warnings.warn(PathConversionWarning('; '.join(notes)))
 
     @staticmethod
-    def _own_state_bits(saved:dict, mine:dict) -> dict:
-        "Saved hypers with this optimizer's `state_bits`: the loading optimizer chooses how its state is stored"
-        h = {k: v for k, v in saved.items() if k != 'state_bits'}
-        return {**h, 'state_bits': mine['state_bits']} if 'state_bits' in mine else h
+    def _own_storage(saved:dict, mine:dict) -> dict:
+        """Saved hypers with this optimizer's storage hypers (`state_bits`, `kahan_sum`, `stochastic_round`): the loading
+        optimizer chooses how its state and weights are stored (a saved compensation folds into the weights if it
+        does not use Kahan summation)"""
+        return {**{k: v for k, v in saved.items() if k not in STORAGE_CHECKS},
+                **{k: v for k, v in mine.items() if k in STORAGE_CHECKS}}
 
     def _lowbit_states(self, states:list[dict], hypers:list[dict]) -> tuple[list[dict], list[str]]:
         """Saved `states` whose keys are stored in another format than this optimizer keeps (`lowbit`): decoded to the

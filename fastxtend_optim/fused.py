@@ -335,8 +335,8 @@ def tensor_key(opt, p:Tensor, hyper:dict) -> tuple:
 def group_layout(opt, group) -> FusedLayout:
     "`group`'s layout, rebuilt when it lacks a member or a member's weights moved (`model.to`, `p.data = ...`)"
     layouts = opt.__dict__.setdefault('_fused_layouts', {})
-    old = layouts.get(group.key)
-    if old is not None and old.holds(group.params): return old
+    old, formats = layouts.get(group.key), opt.state_formats(group.state_bits, opt.hypers[group.key[0]], group.key[2])
+    if old is not None and old.holds(group.params) and old.formats == formats: return old
     members = {id(p) for p in group.params}
     owners = {id(local_tensor(p)): p for p in opt.param_lists[group.key[0]]}  # local shard -> its parameter
     if old is not None:
@@ -345,7 +345,6 @@ def group_layout(opt, group) -> FusedLayout:
         members |= {id(p) for p in old.params if id(p) in owners and tensor_key(opt, owners[id(p)], hyper) == group.key[1:]}
     params = [p for p in map(local_tensor, opt.param_lists[group.key[0]]) if id(p) in members]
     states = [opt.state[owners[id(p)]] for p in params]
-    formats = opt.state_formats(group.state_bits, opt.hypers[group.key[0]], group.key[2])  # Kahan: one more buffer
     layouts[group.key] = FusedLayout(params, states, tuple(formats), staged=group.shard_group is not None, formats=formats)
     return layouts[group.key]
 

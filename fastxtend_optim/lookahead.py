@@ -17,7 +17,7 @@ from .radam import RAdam, RADAM_CHECKS
 from .eightbit import no_eightbit
 
 # %% auto #0
-__all__ = ['lookahead_', 'check_lookahead', 'Lookahead', 'Ranger', 'ranger']
+__all__ = ['LOOKAHEAD_STREAM', 'lookahead_', 'check_lookahead', 'Lookahead', 'Ranger', 'ranger']
 
 # %% ../nbs/20_lookahead.ipynb #5b592340
 def lookahead_(fast:list[Tensor], slow:list[Tensor], alpha:float):
@@ -36,6 +36,8 @@ def check_lookahead(k, alpha):
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
 
 # %% ../nbs/20_lookahead.ipynb #460c7cc1
+LOOKAHEAD_STREAM = 1 << 20  # the slow weights' rounding noise: a stream no state key reaches
+
 class Lookahead:
     "Lookahead around `opt`: every `k` steps the slow weights (state `slow_p`) move `alpha` of the way to the weights"
     def __init__(self, opt, k:int=6, alpha:float=0.5):
@@ -78,7 +80,8 @@ class Lookahead:
             elif rounding is None and KAHAN_KEY not in s: fast.append(q.detach()); slow.append(s['slow_p'])
             else:  # 16-bit weights that round: the fp32 slow weights move to what the weights hold, then rebuild them
                 s['slow_p'] = s['slow_p'].float().lerp_(working_weights([q], [s])[0], self.alpha)
-                store_weights([q], [s], [s['slow_p'].clone()], rounding, [noise_key(self.count, n)])
+                # noise of its own: the step's weight rounding already drew stream 0 of this count and tensor
+                store_weights([q], [s], [s['slow_p'].clone()], rounding, [noise_key(self.count, n, LOOKAHEAD_STREAM)])
         if fast: lookahead_(fast, slow, self.alpha)
 
     @torch.no_grad()

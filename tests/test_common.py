@@ -147,3 +147,9 @@ def test_missing_bitsandbytes_fails_only_the_eightbit_path(name, monkeypatch):
 def test_bf16_steps(name, path):
     "bf16 parameters step on every path and agree with an fp32 run to bf16 resolution"
     assert_bf16_tracks_fp32(lambda ps: fx_groups(OPTIMIZERS[name], ps, path), steps=3)
+
+
+@pytest.mark.parametrize('path', ['native', 'fused'])
+def test_bf16_ranger_tracks_fp32_across_its_syncs(path):
+    "12 steps: two Lookahead syncs (k=6) move the fp32 slow weights and rebuild the bf16 pair from them"
+    assert_bf16_tracks_fp32(lambda ps: fx_groups(OPTIMIZERS['ranger'], ps, path), steps=12)

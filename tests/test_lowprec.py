@@ -56,8 +56,8 @@ def test_kahan_moves_16bit_weights_as_far_as_fp32(name, path, dtype):
     # the stored weight alone is the pair rounded: within half a gap of it
     assert (travel(w) - exact).abs().max() <= GAP[dtype] / 2 + 0.01 * exact.mean()
     assert abs(travel(w).mean() / exact.mean() - 1) <= 0.01
-    _, nearest = climb(name, path, dtype, UPDATE[dtype], kahan_sum=False)
-    assert travel(nearest).abs().max() == 0 and KAHAN_KEY not in opt.state[nearest]
+    plain, nearest = climb(name, path, dtype, UPDATE[dtype], kahan_sum=False)
+    assert travel(nearest).abs().max() == 0 and KAHAN_KEY not in plain.state[nearest]
 
 
 def test_kahan_with_8bit_fused_state():
@@ -194,3 +194,38 @@ def test_pure_bf16_learners_reach_their_fp32_accuracy():
         assert full > 0.3 and abs(kahan - full) <= 0.01, (name, full, kahan)
         lost[name] = full - digits_accuracy(name, torch.bfloat16, kahan_sum=False)
     assert sum(lost.values()) / len(lost) > 0.03, lost  # the setting is one where rounding to nearest costs accuracy
+
+
+def test_the_loading_optimizer_keeps_its_own_rounding():
+    """A Kahan checkpoint loaded into a fused optimizer built for stochastic rounding that has already stepped: it keeps
+    stochastic rounding (the pair folds into the weights once) and its weights go on moving"""
+    a = make_params(dtype=torch.bfloat16)
+    kahan = bf16_adam(a, 'fused')
+    run(kahan, a, 3)
+    b = make_params(dtype=torch.bfloat16)
+    sr = bf16_adam(b, 'fused', stochastic_round=True)
+    run(sr, b, 3)
+    for p, q in zip(a, b): q.data.copy_(p.data)
+    sr.load_state_dict(roundtrip(kahan.state_dict()))
+    assert sr.hypers[0]['stochastic_round'] is True and sr.hypers[0]['kahan_sum'] is None
+    folded = [(p.float() + kahan.state[p][KAHAN_KEY].float()).bfloat16() for p in a]
+    before = [q.detach().clone() for q in b]
+    sr.set_hyper('lr', 0.)
+    run(sr, b, 1, start=3)
+    assert all(KAHAN_KEY not in sr.state[q] for q in b)
+    assert_close_lists([q.detach() for q in b], folded, atol=0.)
+    sr.set_hyper('lr', 1e-2)
+    run(sr, b, 3, start=4)
+    assert all(not torch.equal(q, x) for q, x in zip(b, before))
+
+
+def test_schedulefree_eval_and_train_keep_the_pair():
+    "bf16 Schedule-Free with Kahan: eval() moves the weights to x and train() back to y, the pair within 2**-16 of it"
+    from fastxtend_optim.schedulefree import ScheduleFreeAdamW
+    ps = make_params(dtype=torch.bfloat16)
+    opt = ScheduleFreeAdamW(ps, lr=1e-2, foreach=True)
+    run(opt, ps, 5)
+    assert opt.state[ps[0]]['z'].dtype == torch.float32  # a weight sequence: fp32 beside rounding 16-bit weights
+    held = pairs(opt, ps)
+    opt.eval(); opt.train()
+    for x, y in zip(pairs(opt, ps), held): assert ((x - y).abs() <= 2**-16 * (y.abs() + 1)).all()
