@@ -1,5 +1,6 @@
 """Step each parameter during backward, as soon as its gradient is ready, and free that gradient at once: off the fused
-path, a model's full set of gradients never exists.
+path, a model's full set of gradients never exists. Accumulate micro-batches into the optimizer's state, not into
+a gradient buffer.
 
 Docs: https://fastxtend.github.io/fastxtend_optim/release.html.md"""
 
@@ -7,16 +8,19 @@ Docs: https://fastxtend.github.io/fastxtend_optim/release.html.md"""
 
 # %% ../nbs/06_release.ipynb #b60d18fd
 from __future__ import annotations
+from contextlib import contextmanager
 import torch
 from torch import Tensor
 from fastai.callback.core import Callback, CancelStepException
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 from fastai.callback.training import GradientClip, GradientAccumulation
+from fastai.torch_core import find_bs
 from .core import local_tensor
 from .fused import tensor_key
 
 # %% auto #0
-__all__ = ['release_refusal', 'Releaser', 'GradientRelease']
+__all__ = ['release_refusal', 'Releaser', 'GradientRelease', 'hold_lrs', 'restore_lrs', 'accumulating', 'accumulation_refusal',
+           'OptimizerAccumulation']
 
 # %% ../nbs/06_release.ipynb #f6bcdf5b
 def release_refusal(learn) -> str|None:
@@ -109,3 +113,58 @@ class GradientRelease(Callback):
 
     def after_fit(self):
         if hasattr(self, 'releaser'): self.releaser.detach()
+
+# %% ../nbs/06_release.ipynb #3bbfdc6e
+def hold_lrs(opt) -> list[float]:
+    "Set each param group's `lr` to 0 and return the old ones: `opt`'s steps then move its state and no weight"
+    lrs = [h['lr'] for h in opt.hypers]
+    for h in opt.hypers: h['lr'] = 0.
+    return lrs
+
+def restore_lrs(opt, lrs:list[float]):
+    for h, lr in zip(opt.hypers, lrs): h['lr'] = lr
+
+@contextmanager
+def accumulating(opt):
+    "Steps inside fold their gradients into `opt`'s state and leave the weights where they are"
+    lrs = hold_lrs(opt)
+    try: yield opt
+    finally: restore_lrs(opt, lrs)
+
+# %% ../nbs/06_release.ipynb #93260b1c
+def accumulation_refusal(learn) -> str|None:
+    "Why `learn`'s optimizer cannot accumulate micro-batches into its state, or `None`"
+    opt, name = learn.opt, type(learn.opt).__name__
+    if any(isinstance(cb, GradientAccumulation) for cb in learn.cbs):
+        return "GradientAccumulation accumulates the same micro-batches in the gradients: use one of the two"
+    if name == 'Lookahead': return "Lookahead counts steps to its next sync, and each micro-batch's step would count"
+    if name == 'ScheduleFreeOptimizer': return "Schedule-Free's z takes each gradient times lr, and keeps no average of them"
+    if not hasattr(opt, 'state_keys'): return f"{name} is not a fastxtend_optim optimizer"
+    if not opt.state_keys:
+        return "this optimizer keeps no state to accumulate into (SGD or LARS without momentum): use GradientAccumulation"
+    return None
+
+class OptimizerAccumulation(Callback):
+    "Accumulate micro-batches into the optimizer's state, stepping the weights once every `n_acc` samples"
+    run_valid = False
+
+    def __init__(self, n_acc:int=32):
+        if isinstance(n_acc, bool) or not isinstance(n_acc, int) or n_acc < 1:
+            raise ValueError(f"`n_acc` is a number of samples, an int >= 1, not {n_acc!r}")
+        self.n_acc, self.held = n_acc, None
+
+    def before_fit(self):
+        why = accumulation_refusal(self.learn)
+        if why is not None: raise ValueError(f"OptimizerAccumulation cannot run here: {why}")
+        self.after_batch()  # lrs held by a fit that ended in an exception
+        self.count = 0
+
+    def before_backward(self):
+        "Hold the lrs at 0 unless this micro-batch completes `n_acc` samples (release steps during backward)"
+        self.count += find_bs(self.learn.yb)
+        if self.count >= self.n_acc: self.count = 0
+        else: self.held = hold_lrs(self.opt)
+
+    def after_batch(self):
+        if self.held is not None: restore_lrs(self.opt, self.held)
+        self.held = None

@@ -63,13 +63,18 @@ def shard_model(model:nn.Module) -> nn.Module:
     return fully_shard(model)
 
 
-def train(model:nn.Module, opt, name:str, steps:range, sharded:bool):
+def train(model:nn.Module, opt, name:str, steps:range, sharded:bool, micro:int=1):
+    "With `micro` > 1, that many batches accumulate into the optimizer's state before the weights step"
+    from fastxtend_optim.release import accumulating
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
     for step in steps:
         x, y = batches(step, rank, world)
         nn.functional.mse_loss(model(x), y).backward()
         if name == 'sophia' and step % 5 == 0: opt.update_hessian()  # the gradient as the Hessian estimate
-        opt.step(); opt.zero_grad()
+        if (step + 1) % micro:
+            with accumulating(opt): opt.step()
+        else: opt.step()
+        opt.zero_grad()
 
 
 def whole_params(model:nn.Module, opt, sharded:bool) -> list[torch.Tensor]:
@@ -77,12 +82,12 @@ def whole_params(model:nn.Module, opt, sharded:bool) -> list[torch.Tensor]:
     return [p.full_tensor() if sharded else p.detach().clone() for p in model.parameters()]
 
 
-def run_case(name:str, path:str, sharded:bool=False, steps:int=STEPS, **extra) -> list[torch.Tensor]:
-    "`steps` steps of optimizer `name` on `path` (with `extra` options): the whole parameters after them"
+def run_case(name:str, path:str, sharded:bool=False, steps:int=STEPS, micro:int=1, **extra) -> list[torch.Tensor]:
+    "`steps` batches of optimizer `name` on `path` (with `extra` options): the whole parameters after them"
     model = make_model()
     if sharded: model = shard_model(model)
     opt = make_opt(name, path, model, **extra)
-    train(model, opt, name, range(steps), sharded)
+    train(model, opt, name, range(steps), sharded, micro)
     return whole_params(model, opt, sharded)
 
 
@@ -303,9 +308,13 @@ def fit_digits(learn, spec, epochs:int=1):
         if spec.get('fit') == 'fit': learn.fit(epochs, spec['lr'])
         else: learn.fit_one_cycle(epochs, spec['lr'])
 
-def fastai_case(name:str, path:str, distributed:bool, rounding:str|None=None) -> list[torch.Tensor]:
-    "One epoch; with `rounding`, in pure bf16 (`CastInputs`) with Kahan summation or stochastic rounding"
+def fastai_case(name:str, path:str, distributed:bool, rounding:str|None=None, micro:int=1) -> list[torch.Tensor]:
+    """One epoch; with `rounding`, in pure bf16 (`CastInputs`) with Kahan summation or stochastic rounding; with
+    `micro` > 1, that many batches accumulated into the optimizer's state per step (`n_acc` counts a rank's samples)"""
     learn, spec = digits_learner_for(name, path, distributed, **(ROUNDING_KW[rounding] if rounding else {}))
+    if micro > 1:
+        from fastxtend_optim.release import OptimizerAccumulation
+        learn.add_cb(OptimizerAccumulation(micro * RANK_BS * (1 if distributed else WORLD)))
     if rounding:
         from fastxtend_optim.lowprec import CastInputs
         learn.model.bfloat16()
@@ -321,6 +330,8 @@ class AllLowBit(Callback):
         opt = self.learn.opt
         opt.set_state_bits([p for p, *_ in opt.all_params()], opt.hypers[0]['state_bits'])
 
+ACCUMULATION_PATHS = ('foreach', 'fused')
+ACCUMULATION_CASES = [(n, p) for n in ('adam', 'lion') for p in ACCUMULATION_PATHS]
 LOWBIT_FASTAI = [('adam', 'fused8'), ('lion', 'fused4'), ('lamb', 'fused8')]
 
 def fastai_cases() -> list[tuple[str, str]]:
@@ -375,6 +386,7 @@ def main(mode:str, out:str):
         results = {(n, p): guarded(run_case, n, p, True) for n, p in cases()}
         results.update({('all_reduces', n, p): guarded(all_reduces_per_step, n, p) for n, p in cases()})
         results['finite'] = guarded(finite_flags)
+        results.update({('accumulation', n, p): guarded(run_case, n, p, True, micro=2) for n, p in ACCUMULATION_CASES})
         results.update({('rounding', n, p, r): guarded(rounding_case, n, p, r, True) for n, p, r in ROUNDING_CASES})
         results.update({('wide', n): guarded(wide_case, n, True, **kw) for n, kw in WIDE_CASES})
         results.update({(n, p): guarded(run_case, n, p, True) for n, p in LOWBIT_CASES})
@@ -386,6 +398,7 @@ def main(mode:str, out:str):
         results = {(n, p): guarded(fastai_case, n, p, True) for n, p in fastai_cases() + LOWBIT_FASTAI}
         results.update({('rounding', n, p, r): guarded(fastai_case, n, p, True, r) for n, p, r in ROUNDING_CASES})
         results['release_refused'] = guarded(release_refusal_case)
+        results.update({('accumulation', p): guarded(fastai_case, 'adam', p, True, micro=2) for p in ACCUMULATION_PATHS})
         results.update({('resume', p): guarded(learner_resume_case, p, out) for p in ('foreach', 'fused', 'eightbit')})
     elif mode == 'dcp':
         results = {(n, p): guarded(checkpoint_case, n, p, checkpoint_dir(out, n, p)) for n, p in cases() + LOWBIT_CASES}

@@ -185,6 +185,24 @@ def test_gradient_release_is_refused_under_ddp(ddp):
                 "the step would use this rank's alone") in got and got.endswith('(weights moved: False)'), got
 
 
+@pytest.mark.parametrize('path', w.ACCUMULATION_PATHS)
+def test_ddp_optimizer_accumulation_matches_one_process(ddp, path):
+    """Two batches a step accumulated into Adam's state under DDP: each micro-batch's gradient is averaged across
+    ranks before its lr-0 step, so the ranks are bitwise equal, and within DDP_ATOL of one process"""
+    a, b = ddp[0]['accumulation', path], ddp[1]['accumulation', path]
+    assert not isinstance(a, str), a
+    assert maxdiff(a, b) == 0 and maxdiff(a, w.fastai_case('adam', path, False)) > 1e-3  # not a step per batch
+    assert maxdiff(a, w.fastai_case('adam', path, False, micro=2)) <= 1e-5
+
+
+@pytest.mark.parametrize('name,path', w.ACCUMULATION_CASES)
+def test_fsdp2_optimizer_accumulation_matches_one_process(fsdp, name, path):
+    "Two batches a step folded into the sharded state (`accumulating`): where one process ends, as every FSDP2 case"
+    got = fsdp['accumulation', name, path]
+    assert not isinstance(got, str), got
+    assert maxdiff(got, w.run_case(name, path, micro=2)) <= FSDP_ATOL < maxdiff(got, w.run_case(name, path))
+
+
 @pytest.mark.parametrize('path', ['foreach', 'fused', 'eightbit'])
 def test_ddp_save_load_resumes_exactly(ddp, path):
     "`Learner.save` on rank 0 mid-run, `load` on every rank, then one more epoch: bitwise the uninterrupted run"
