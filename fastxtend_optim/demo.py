@@ -16,7 +16,8 @@ from fastai.basics import Learner, DataLoaders, DataLoader, CrossEntropyLossFlat
 import fastai.callback.all  # fit_one_cycle, lr_find, no_bar and the other Learner patches
 
 # %% auto #0
-__all__ = ['PATH_FUNCS', 'digits_dls', 'digits_model', 'body_head_splitter', 'digits_learner']
+__all__ = ['PATH_FUNCS', 'digits_dls', 'digits_model', 'body_head_splitter', 'digits_learner', 'digits_table',
+           'digits_tabular_learner']
 
 # %% ../nbs/40_demo.ipynb #825f2fb9
 def digits_dls(bs:int=64, valid_pct:float=0.2, seed:int=42, device='cpu') -> DataLoaders:
@@ -47,6 +48,30 @@ def digits_learner(opt_func, dls:DataLoaders|None=None, seed:int=0, **kwargs) ->
     dls.train.rng = random.Random(seed)
     return Learner(dls, digits_model(), loss_func=CrossEntropyLossFlat(), opt_func=opt_func,
                    metrics=accuracy, splitter=body_head_splitter, **kwargs)
+
+# %% ../nbs/40_demo.ipynb #402fd741
+def digits_table():
+    "The digits as a `pandas` DataFrame: 64 pixel columns in [0, 1], four central pixels as categories, and `digit`"
+    import pandas as pd
+    x, y = load_digits(return_X_y=True)
+    table = pd.DataFrame(x / 16., columns=[f'px{i}' for i in range(64)])
+    for i in (27, 28, 35, 36): table[f'cat{i}'] = x[:, i].astype(int)
+    table['digit'] = y
+    return table
+
+def digits_tabular_learner(opt_func, valid_pct:float=0.5, bs:int=64, seed:int=0, **kwargs) -> Learner:
+    "fastai's `tabular_learner` (layers 128 and 64) on `digits_table`, its weights and batch order seeded by `seed`"
+    from fastai.tabular.all import (TabularPandas, TabDataLoader, Categorify, Normalize, CategoryBlock, RandomSplitter,
+                                    tabular_learner)
+    table = digits_table()
+    columns = lambda prefix: [c for c in table if c.startswith(prefix)]
+    rows = TabularPandas(table, procs=[Categorify, Normalize], cat_names=columns('cat'), cont_names=columns('px'),
+                         y_names='digit', y_block=CategoryBlock(),
+                         splits=RandomSplitter(valid_pct=valid_pct, seed=42)(range(len(table))))
+    torch.manual_seed(seed)
+    dls = rows.dataloaders(bs=bs, dl_type=TabDataLoader)  # fastai's default here draws its order from numpy's global RNG
+    dls.train.rng = random.Random(seed)
+    return tabular_learner(dls, layers=[128, 64], metrics=accuracy, opt_func=opt_func, **kwargs)
 
 # %% ../nbs/40_demo.ipynb #728de90a
 PATH_FUNCS = {'native': dict(foreach=False), 'foreach': dict(foreach=True), 'fused': dict(fused=True),

@@ -28,7 +28,7 @@ def release_refusal(learn) -> str|None:
     opt, cbs = learn.opt, learn.cbs
     if any(isinstance(cb, GradientClip) for cb in cbs): return "GradientClip needs every gradient's norm before any step"
     if any(isinstance(cb, GradientAccumulation) for cb in cbs):
-        return "GradientAccumulation keeps gradients across batches, and release frees them"
+        return "GradientAccumulation keeps gradients across batches, and release frees them: use OptimizerAccumulation"
     if any(isinstance(cb, MixedPrecision) and AMPMode(cb.amp_mode) == AMPMode.FP16 for cb in cbs):
         return ("fp16 MixedPrecision's GradScaler skips a step when any gradient overflows, which is known only after "
                 "backward; use bf16 MixedPrecision")
