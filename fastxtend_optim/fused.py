@@ -7,6 +7,7 @@ Docs: https://fastxtend.github.io/fastxtend_optim/fused.html.md"""
 # %% ../nbs/02_fused.ipynb #3d3b1a10
 from __future__ import annotations
 import itertools, math, operator, types, warnings
+from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,7 +21,7 @@ from .lowprec import (KAHAN_KEY, LOW_PRECISION, weight_rounding, rounded_weights
 # %% auto #0
 __all__ = ['BLOCK', 'LOWBIT_ROWS', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'Placement', 'FusedLayout', 'encode_scratch',
            'uncautious', 'fused_kernel', 'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step',
-           'fused_chunks', 'compiled_or_eager']
+           'padded_grads', 'fused_chunks', 'compiled_or_eager']
 
 # %% ../nbs/02_fused.ipynb #2f9b8bc9
 BLOCK = 256
@@ -110,8 +111,9 @@ class Placement:
 class FusedLayout:
     "One tensor group's weights, gradients and state in `(blocks, BLOCK)` buffers; each tensor is a view of its rows"
     def __init__(self, params:list[Tensor], states:list[dict], state_keys:tuple, staged:bool=False,
-                 formats:dict|None=None):
+                 formats:dict|None=None, keeps_grads:bool=True):
         self.params, self.state_keys, self._placed, self.staged = list(params), tuple(state_keys), None, staged
+        self.keeps_grads = keeps_grads  # False under gradient release: each step copies its rows' gradients in
         self.formats = {k: (formats or {}).get(k, StateFormat()) for k in self.state_keys}
         self.codecs = tuple((k, f.bits, f.signed) for k, f in self.formats.items() if f.quantized)
         self.index = {id(p): i for i, p in enumerate(self.params)}
@@ -119,8 +121,9 @@ class FusedLayout:
         self.starts = [0, *itertools.accumulate(counts)]
         p0 = self.params[0]
         self.block_member = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(p0.device)
-        self.bufs = {k: p0.new_zeros(self.starts[-1], BLOCK) for k in ('p', 'g')}
+        self.bufs = {k: p0.new_zeros(self.starts[-1], BLOCK) for k in ('p', 'g')[:2 if keeps_grads else 1]}
         for k, f in self.formats.items(): self.bufs.update({k + end: b for end, b in f.storage(self.starts[-1], p0).items()})
+        self.keys, self._lent = ('p', 'g', *[k for k in self.bufs if k not in ('p', 'g')]), None
         self.views = {k: [self._view(k, i) for i in range(len(self.params))] for k in self.bufs}
         for i, (p, state) in enumerate(zip(self.params, states)):
             self.views['p'][i].copy_(p.detach())
@@ -142,7 +145,7 @@ class FusedLayout:
     def sync(self, i:int, p:Tensor, state:dict, grad:Tensor|None=None):
         "Make member `i`'s gradient (`grad`, or `p.grad`) and state views of the buffers, copying in what was replaced"
         grad = p.grad if grad is None else grad
-        if grad is not None and grad is not self.views['g'][i]:
+        if grad is not None and self.keeps_grads and grad is not self.views['g'][i]:
             self.views['g'][i].copy_(grad)
             if not self.staged: p.grad = self.views['g'][i]  # a sharded gradient stays FSDP2's
         for k in self.state_keys:
@@ -187,7 +190,7 @@ class FusedLayout:
     def decoded(self, key:str, rows:slice) -> Tensor:
         "Rows of state `key` as the kernel sees them: decoded from codes (compiled where it can be), or as stored"
         fmt = self.formats.get(key)
-        if fmt is None or not fmt.quantized: return self.bufs[key][rows]
+        if fmt is None or not fmt.quantized: return self.rows(key, rows)
         codes, device = self.bufs[key][rows], self.bufs['p'].device
         return compiled_or_eager(fused_kernel(decode_rows, decode_rows, ((key, fmt.bits, fmt.signed),)), decode_rows,
                                  codes.shape[0], device, codes, self.bufs[absmax_key(key)][rows], fmt.bits, fmt.signed,
@@ -209,7 +212,7 @@ class FusedLayout:
     def sync_all(self, place:Placement, grads:list[Tensor], states:list[dict]):
         "`sync` each member of `place`, unless every gradient and state already is its view (identity checks in bulk)"
         views = place.views
-        if all(map(operator.is_, grads, views['g'])) and \
+        if (not self.keeps_grads or all(map(operator.is_, grads, views['g']))) and \
            all(all(map(operator.is_, [s.get(k) for s in states], views[k])) for k in self.state_keys): return
         for i, p, s, g in zip(place.index, place.params, states, grads): self.sync(i, p, s, g)
 
@@ -221,12 +224,28 @@ class FusedLayout:
             else: runs.append([i, i + 1])
         return [tuple(r) for r in runs]
 
+    def rows(self, key:str, rows:slice) -> Tensor:
+        "Rows of buffer `key`; without a gradient buffer, 'g' rows are those `lend` made for the members stepping now"
+        if key != 'g' or self.keeps_grads: return self.bufs[key][rows]
+        lo, lent = self._lent
+        return lent[rows.start - lo:rows.stop - lo]
+
+    @contextmanager
+    def lend(self, place:Placement, grads:list[Tensor]):
+        """Without a gradient buffer: rows of `grads` (`place`'s members, in its order) over the span of rows they
+        cover, for one step; with a buffer, nothing to do"""
+        if self.keeps_grads: yield; return
+        span = slice(self.starts[place.runs[0][0]], self.starts[place.runs[-1][1]])
+        self._lent = span.start, padded_grads(self, place, grads, span)
+        try: yield
+        finally: self._lent = None
+
     def local_norms(self, key:str, runs:list[tuple[int, int]]) -> Tensor:
         "fp32 L2 norm of each member's rows in buffer `key` (this rank's slice), over `runs` (0 for members outside)"
-        sq = torch.zeros(len(self.params), device=self.bufs[key].device)
+        sq = torch.zeros(len(self.params), device=self.bufs['p'].device)
         for a, b in runs:
             rows = slice(self.starts[a], self.starts[b])
-            row_sq = torch.linalg.vector_norm(self.bufs[key][rows], dim=1, dtype=torch.float32).square()
+            row_sq = torch.linalg.vector_norm(self.rows(key, rows), dim=1, dtype=torch.float32).square()
             sq.index_add_(0, self.block_member[rows], row_sq)
         return sq.sqrt()
 
@@ -336,7 +355,9 @@ def group_layout(opt, group) -> FusedLayout:
     "`group`'s layout, rebuilt when it lacks a member or a member's weights moved (`model.to`, `p.data = ...`)"
     layouts = opt.__dict__.setdefault('_fused_layouts', {})
     old, formats = layouts.get(group.key), opt.state_formats(group.state_bits, opt.hypers[group.key[0]], group.key[2])
-    if old is not None and old.holds(group.params) and old.formats == formats: return old
+    keeps_grads = not getattr(opt, 'grads_released', False)
+    if old is not None and old.holds(group.params) and old.formats == formats and old.keeps_grads == keeps_grads:
+        return old
     members = {id(p) for p in group.params}
     owners = {id(local_tensor(p)): p for p in opt.param_lists[group.key[0]]}  # local shard -> its parameter
     if old is not None:
@@ -345,7 +366,8 @@ def group_layout(opt, group) -> FusedLayout:
         members |= {id(p) for p in old.params if id(p) in owners and tensor_key(opt, owners[id(p)], hyper) == group.key[1:]}
     params = [p for p in map(local_tensor, opt.param_lists[group.key[0]]) if id(p) in members]
     states = [opt.state[owners[id(p)]] for p in params]
-    layouts[group.key] = FusedLayout(params, states, tuple(formats), staged=group.shard_group is not None, formats=formats)
+    layouts[group.key] = FusedLayout(params, states, tuple(formats), staged=group.shard_group is not None, formats=formats,
+                                     keeps_grads=keeps_grads)
     return layouts[group.key]
 
 def _warn_moved(opt):
@@ -371,11 +393,19 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None, eager:bool=False) -> b
     place = layout.place(group.params)
     layout.sync_all(place, group.grads, group.states)
     if layout.staged: torch._foreach_copy_(place.views['p'], place.params)  # FSDP2 keeps its own shard storage
-    h, n = opt.step_hypers(group), len(group.params)
+    grads = place.views['g'] if layout.keeps_grads else group.grads
+    with layout.lend(place, grads): _step_rows(opt, group, layout, place, grads, grad_scales, rounding)
+    if layout.staged: torch._foreach_copy_(place.params, place.views['p'])
+    return True
+
+def _step_rows(opt, group, layout:FusedLayout, place:Placement, grads:list[Tensor], grad_scales:list[Tensor]|None,
+               rounding:str|None):
+    "The scalars of `group`'s step, its per-tensor sums where the optimizer needs them, then the kernel over its rows"
+    device, h, n = layout.bufs['p'].device, opt.step_hypers(group), len(group.params)
     wd, decay = h.get('wd', 0.), group.do_wd and h.get('wd', 0.) != 0 and not opt.own_decay
     decouple = h.get('decouple_wd', True)
     scales = torch.ones(n, device=device) if grad_scales is None else torch.stack(grad_scales).float()
-    fg = FusedGroup(group.params, place.views['g'], group.states, scales,
+    fg = FusedGroup(group.params, grads, group.states, scales,
                     p_scale=1 - h['lr'] * wd if decay and decouple else 1., l2=wd if decay and not decouple else 0.,
                     layout=layout, runs=place.runs, members=place.members)
     named = dict(opt.fused.scalars(h, fg), grad_scale=scales, p_scale=fg.p_scale, **({'l2': fg.l2} if fg.l2 else {}))
@@ -383,8 +413,6 @@ def fused_step(opt, group, grad_scales:list[Tensor]|None, eager:bool=False) -> b
     cautious = bool(h.get('cautious', False))
     if opt.fused.sums is not None or cautious: named.update(_member_sums(opt, layout, place, named, cautious))
     _run(opt, layout, place, named, _fused_apply)
-    if layout.staged: torch._foreach_copy_(place.params, place.views['p'])
-    return True
 
 def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *extra) -> list:
     "`body` (compiled where it can be) over each run of `place`, with `named`'s numbers packed; the results per run"
@@ -399,7 +427,7 @@ def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *e
     lowbit = body is _fused_apply and layout.codecs
     for a, b in place.runs:
         for rows in fused_chunks(layout.starts[a], layout.starts[b], LOWBIT_ROWS if lowbit else None):
-            bufs = {k: buf[rows] for k, buf in layout.bufs.items()}
+            bufs = {k: layout.rows(k, rows) for k in layout.keys}
             if 'noise_step' in named: bufs['row'] = layout.row_ids()[rows]
             scratch = {k: s[:rows.stop - rows.start] for k, s in layout.scratch(LOWBIT_ROWS).items()} if lowbit else None
             call = (update, bufs, *args, layout.block_member[rows], consts, layout.codecs, *extra)
@@ -407,6 +435,16 @@ def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *e
             out.append(compiled_or_eager(kernel, body, rows.stop - rows.start, device, *call, *tail))
             if lowbit: compiled_or_eager(fused_kernel(encode_scratch, encode_scratch, layout.codecs), encode_scratch,
                                          rows.stop - rows.start, device, bufs, scratch, layout.codecs)
+    return out
+
+def padded_grads(layout:FusedLayout, place:Placement, grads:list[Tensor], rows:slice) -> Tensor:
+    "Rows `rows` of `place`'s gradients as the layout lays them out (zero padding): for a layout that keeps none"
+    out = layout.bufs['p'].new_zeros(rows.stop - rows.start, BLOCK)
+    flat, lo, hi = out.view(-1), rows.start * BLOCK, rows.stop * BLOCK
+    for i, g in zip(place.index, grads):
+        a = layout.starts[i] * BLOCK
+        s, e = max(a, lo), min(a + g.numel(), hi)
+        if s < e: flat[s - lo:e - lo].copy_(g.reshape(-1)[s - a:e - a])
     return out
 
 LOWBIT_ROWS = 2048  # rows a low-bit step updates into fp32 scratch, then encodes: 2 MiB per state key, in cache

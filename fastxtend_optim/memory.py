@@ -40,6 +40,10 @@ MEMORY_CONFIGS = {  # name: weights' dtype, optimizers (by name: a function of t
     'bf16, Kahan, 8-bit state, release (fused)': (BF16, lambda: _ours(fused=True, state_bits=8), 'ours'),
     'bf16, Kahan, 8-bit state, release': (BF16, lambda: _ours(eightbit=True), 'ours'),
     'bf16, stochastic rounding, 8-bit state, release': (BF16, lambda: _ours(eightbit=True, stochastic_round=True), 'ours'),
+    'bf16, stochastic rounding, 8-bit state, release (fused)':
+        (BF16, lambda: _ours(fused=True, state_bits=8, stochastic_round=True), 'ours'),
+    'bf16, stochastic rounding, 4-bit state, release (fused)':
+        (BF16, lambda: _ours(fused=True, state_bits=4, stochastic_round=True), 'ours'),
 }
 MEMORY_PEERS = {  # the peers' nearest configurations, where installed
     'optimi, bf16, Kahan': (BF16, lambda: _optimi(), None),

@@ -8,6 +8,7 @@ Docs: https://fastxtend.github.io/fastxtend_optim/release.html.md"""
 
 # %% ../nbs/06_release.ipynb #b60d18fd
 from __future__ import annotations
+import math
 from contextlib import contextmanager
 import torch
 from torch import Tensor
@@ -19,8 +20,8 @@ from .core import local_tensor
 from .fused import tensor_key
 
 # %% auto #0
-__all__ = ['release_refusal', 'Releaser', 'GradientRelease', 'hold_lrs', 'restore_lrs', 'accumulating', 'accumulation_refusal',
-           'OptimizerAccumulation']
+__all__ = ['release_refusal', 'checked_bucket_mb', 'Releaser', 'GradientRelease', 'hold_lrs', 'restore_lrs', 'accumulating',
+           'accumulation_refusal', 'OptimizerAccumulation']
 
 # %% ../nbs/06_release.ipynb #f6bcdf5b
 def release_refusal(learn) -> str|None:
@@ -42,22 +43,41 @@ def release_refusal(learn) -> str|None:
     return None
 
 # %% ../nbs/06_release.ipynb #e111ab79
+def checked_bucket_mb(bucket_mb:float) -> float:
+    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not 0 < bucket_mb < math.inf:
+        raise ValueError(f"`bucket_mb` is the MiB of weights a fused bucket holds, a number > 0, not {bucket_mb!r}")
+    return bucket_mb
+
 class Releaser:
-    "Gradient release for `opt`: step each trainable tensor (each fused tensor group) as backward finishes its gradient"
-    def __init__(self, opt):
-        self.opt, self.handles, self.enabled = opt, [], True  # `enabled`: the hooks step (a Learner: during its backward)
+    """Gradient release for `opt`: step each trainable tensor as backward finishes its gradient, and free it. On the
+    fused path tensors step in buckets of consecutive members of a tensor group, of up to `bucket_mb` MiB of weights
+    (as DDP's buckets): one kernel per bucket, over gradients copied into rows made for it"""
+    def __init__(self, opt, bucket_mb:float=25.):
+        self.opt, self.bucket_bytes, self.handles, self.enabled = opt, checked_bucket_mb(bucket_mb) * 2**20, [], True
+        # `enabled`: the hooks step (a Learner: during its backward)
 
     def attach(self):
         "Hook every parameter that requires a gradient now (re-attach after `freeze`/`unfreeze`)"
         self.detach()
+        self.opt.grads_released = True  # the fused path keeps no gradient buffer
         self.members = [(i, p) for i, ps in enumerate(self.opt.param_lists) for p in ps if p.requires_grad]
         self.position = {id(p): n for n, (_, p) in enumerate(self.members)}
-        self.expected, self.pending = {}, {}
-        for i, p in self.members:
-            key = self._group_key(i, p)
-            self.expected[key] = self.expected.get(key, 0) + 1
+        self.bucket, self.expected, self.pending = self._buckets(), {}, {}
+        for key in self.bucket.values(): self.expected[key] = self.expected.get(key, 0) + 1
         self.handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in self.members]
         return self
+
+    def _buckets(self) -> dict[int, tuple]:
+        "Each member's bucket: consecutive members of a fused tensor group (`fused.tensor_key`) up to `bucket_mb`"
+        bucket, filled = {}, {}
+        for i, p in self.members:
+            group = (i, *tensor_key(self.opt, p, self.opt.hypers[i]))
+            n, size = filled.get(group, (0, 0))
+            nbytes = local_tensor(p).numel() * p.element_size()
+            if size and size + nbytes > self.bucket_bytes: n, size = n + 1, 0
+            filled[group] = (n, size + nbytes)
+            bucket[id(p)] = (*group, n)
+        return bucket
 
     def _hook(self, i:int):
         def arrived(p:Tensor):
@@ -66,41 +86,38 @@ class Releaser:
 
     def _arrived(self, i:int, p:Tensor):
         if self.opt.path != 'fused': return self._step([(i, p)])
-        key = self._group_key(i, p)
+        key = self.bucket[id(p)]
         waiting = self.pending.setdefault(key, [])
         waiting.append((i, p))
         if len(waiting) == self.expected[key]: self._step(self.pending.pop(key))
 
-    def _group_key(self, i:int, p:Tensor) -> tuple:
-        "Tensors step together on the fused path when they share a tensor group (`fused.tensor_key`)"
-        return (i, *tensor_key(self.opt, p, self.opt.hypers[i])) if self.opt.path == 'fused' else (i, id(p))
-
     def _step(self, members:list[tuple[int, Tensor]]):
-        """Step `members` in the optimizer's order (as a normal step takes them: the kernel's runs, and its rounding,
-        match), then free their gradients; on the fused path they are views of the layout's gradient buffer: zeroed"""
+        "Step `members` in the optimizer's order (as a normal step takes them), then free their gradients"
         self.opt.step_tensors(sorted(members, key=lambda m: self.position[id(m[1])]))
-        for _, p in members:
-            if self.opt.path == 'fused' and p.grad is not None: p.grad.zero_()
-            else: p.grad = None
+        for _, p in members: p.grad = None
 
     def flush(self):
-        "After backward: step the groups whose last gradient never came (backward did not reach a parameter)"
+        "After backward: step the buckets whose last gradient never came (backward did not reach a parameter)"
         for key in list(self.pending): self._step(self.pending.pop(key))
 
     def detach(self):
         for h in self.handles: h.remove()
         self.handles = []
+        self.opt.grads_released = False
 
 # %% ../nbs/06_release.ipynb #7e6fa700
 class GradientRelease(Callback):
     "Step each parameter (each tensor group, on the fused path) when backward has its gradient, then free the gradient"
     order = MixedPrecision.order + 1  # after bf16 MixedPrecision's before_step, which the skipped step still runs
 
+    def __init__(self, bucket_mb:float=25.):
+        self.bucket_mb = checked_bucket_mb(bucket_mb)
+
     def before_fit(self):
         why = release_refusal(self.learn)
         if why is not None: raise ValueError(f"GradientRelease cannot run here: {why}")
         if hasattr(self, 'releaser'): self.releaser.detach()  # a fit that ended in an exception never reached after_fit
-        self.releaser = Releaser(self.opt).attach()
+        self.releaser = Releaser(self.opt, self.bucket_mb).attach()
         self.releaser.enabled = False
 
     def before_backward(self): self.releaser.enabled = self.training

@@ -16,13 +16,13 @@ DLS = digits_dls()
 
 
 class NoGradsLeft(Callback):
-    """After every backward (release has run by then), no parameter holds a gradient: freed, or on the fused path
-    zeroed in the layout's gradient buffer (a view of it); counts the backward passes"""
+    """After every backward (release has run by then), no parameter holds a gradient, on every path (the fused path keeps
+    no gradient buffer under release), and no fused layout holds one; counts the backward passes"""
     order = GradientRelease.order + 1
     def before_fit(self): self.checked = 0
     def after_backward(self):
-        fused = self.learn.opt.path == 'fused'
-        assert all(p.grad is None or (fused and not p.grad.any()) for p in self.learn.model.parameters())
+        assert all(p.grad is None for p in self.learn.model.parameters())
+        assert all('g' not in layout.bufs for layout in self.learn.opt.__dict__.get('_fused_layouts', {}).values())
         self.checked += 1
 
 
@@ -49,7 +49,7 @@ def test_release_steps_bitwise_as_a_normal_step(name, path):
     released = fitted(learn, fit)
     assert learn.no_grads_left.checked == len(DLS.train)
     assert all(torch.equal(a, b) for a, b in zip(normal, released))
-    assert all(p.grad is None or (path == 'fused' and not p.grad.any()) for p in learn.model.parameters())
+    assert all(p.grad is None for p in learn.model.parameters())
 
 
 # Fused: the kernel's variants can compile in another order (release steps the head's group first), and a variant may
@@ -58,22 +58,25 @@ def test_release_steps_bitwise_as_a_normal_step(name, path):
 FUSED_ATOL = {'muon': 3 * 1e-2 * 2**-7}
 
 
+@pytest.mark.parametrize('bucket_mb', [25, 0.02], ids=['whole-groups', 'small-buckets'])
 @pytest.mark.parametrize('name', [o for o in OPTIMIZERS if o not in REFUSED])
-def test_fused_release_steps_each_group_within_rounding_of_a_normal_step(name):
-    "Three batches on the digits model: each fused group steps when its last gradient arrives, and its buffer is zeroed"
+def test_fused_release_steps_each_bucket_within_rounding_of_a_normal_step(name, bucket_mb):
+    """Three batches on the digits model: each fused bucket (the model's groups whole, or 20 KiB of weights: one tensor,
+    or a few small ones) steps when its last gradient arrives, and no gradient stays"""
     from fastxtend_optim.demo import digits_model, body_head_splitter
     from fastxtend_optim.release import Releaser
     torch.manual_seed(0)
     models = [digits_model(), digits_model()]
     models[1].load_state_dict(models[0].state_dict())
     opts = [OPTIMIZERS[name](body_head_splitter(m), lr=1e-2, fused=True) for m in models]
-    releaser = Releaser(opts[1]).attach()
+    releaser = Releaser(opts[1], bucket_mb).attach()
+    assert len(releaser.expected) == (2 if bucket_mb == 25 else 5)  # body: 2 weights alone, 2 runs of small tensors
     for xb, yb in list(DLS.train)[:3]:
         for m, opt in zip(models, opts):
             torch.nn.functional.cross_entropy(m(xb), yb).backward()
             if opt is opts[1]: releaser.flush()
             else: opt.step(); opt.zero_grad()
-        assert all(not p.grad.any() for p in models[1].parameters())
+        assert all(p.grad is None for p in models[1].parameters())
     releaser.detach()
     assert [opts[1].state[p]['step'] for p in models[1].parameters()] == [3] * len(list(models[1].parameters()))
     for a, b in zip(*(m.parameters() for m in models)):
@@ -110,6 +113,11 @@ def test_lr_find_with_release_restores_the_weights_and_removes_its_hooks():
     xb, yb = DLS.one_batch()
     learn.loss_func(learn.model(xb), yb).backward()  # no hook left: the gradients stay
     assert all(p.grad is not None for p in learn.model.parameters())
+
+
+@pytest.mark.parametrize('bucket_mb', [0, -1., float('inf'), float('nan'), True, '25'])
+def test_bad_bucket_size_is_refused(bucket_mb):
+    with pytest.raises(ValueError, match='`bucket_mb` is the MiB of weights'): GradientRelease(bucket_mb)
 
 
 @pytest.mark.parametrize('setup,match', [
