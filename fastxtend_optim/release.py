@@ -67,6 +67,10 @@ class Releaser:
         self.handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in self.members]
         return self
 
+    def stale(self) -> bool:
+        "Whether the tensors that require a gradient changed since `attach` (`freeze`/`unfreeze` inside a fit)"
+        return any(p.requires_grad != (id(p) in self.position) for ps in self.opt.param_lists for p in ps)
+
     def _buckets(self) -> dict[int, tuple]:
         "Each member's bucket: consecutive members of a fused tensor group (`fused.tensor_key`) up to `bucket_mb`"
         bucket, filled = {}, {}
@@ -120,7 +124,9 @@ class GradientRelease(Callback):
         self.releaser = Releaser(self.opt, self.bucket_mb).attach()
         self.releaser.enabled = False
 
-    def before_backward(self): self.releaser.enabled = self.training
+    def before_backward(self):
+        if self.releaser.stale(): self.releaser.attach()  # a callback froze or unfroze tensors inside the fit
+        self.releaser.enabled = self.training
     def after_backward(self): self.releaser.enabled = False  # hooks left behind by an interrupted fit stay inert
 
     def before_step(self):

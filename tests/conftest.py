@@ -168,12 +168,14 @@ def assert_matches_reference(opt_fn, ref_fn, path, steps=60, atol=1e-6, **kwargs
 
 
 def assert_paths_match_native(opt_fn, paths=('fused', 'foreach'), steps=60, atol=1e-6, **kwargs):
-    "Each of `paths` ends within `atol` of the native path, over the two-group model"
+    "Each of `paths` ends within `atol` of the native path, over the two-group model, and stayed on its path"
     a = make_params()
     native = run(fx_groups(opt_fn, a, 'native', **kwargs), a, steps)
     for path in paths:
         ps = make_params()
-        assert_close_lists(run(fx_groups(opt_fn, ps, path, **kwargs), ps, steps), native, atol=atol)
+        opt = fx_groups(opt_fn, ps, path, **kwargs)
+        assert_close_lists(run(opt, ps, steps), native, atol=atol)
+        assert opt.path == path  # no silent fallback from the fused path
 
 
 LRS = (1e-3, 3e-3)

@@ -96,9 +96,12 @@ def test_foreach_step_does_not_sync(monkeypatch):
     opt = fx_lars(a, 'foreach', clip=True, max_unorm=0.01)
     run(opt, a, 1)
     def refuse(*args, **kwargs): raise AssertionError('host sync in the ForEach step')
+    before = [p.detach().clone() for p in a]
     for name in ('item', 'tolist', '__bool__', '__float__', '__int__'):
         monkeypatch.setattr(torch.Tensor, name, refuse)
-    opt.step()
+    opt.step()  # a sync would raise inside it
+    monkeypatch.undo()
+    assert all(not torch.equal(p, q) for p, q in zip(a, before))  # and the step did step every tensor
 
 
 @pytest.mark.parametrize('path', ['native', 'foreach', 'eightbit'])

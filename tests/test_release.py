@@ -133,3 +133,23 @@ def test_what_needs_every_gradient_is_refused_before_any_step(setup, match):
     with pytest.raises(ValueError, match=f'GradientRelease cannot run here: .*{match}'):
         with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     assert all(torch.equal(a, b) for a, b in zip(start, weights(learn)))
+
+
+class UnfreezeAfterFirstEpoch(Callback):
+    def after_epoch(self):
+        if self.epoch == 0: self.learn.unfreeze()
+
+
+@pytest.mark.parametrize('path', ['foreach', 'fused'])
+def test_unfreezing_inside_a_fit_hooks_the_new_tensors(path):
+    """A callback unfreezes the body after the first epoch: release hooks its tensors from the next batch on, so they
+    step as in a normal run (bitwise on ForEach, within rounding on fused) and keep no gradient"""
+    def run(release):
+        learn = learner('adam', path, release, cbs=[UnfreezeAfterFirstEpoch()])
+        learn.freeze()
+        return learn, fitted(learn, lambda l: l.fit(2, 1e-2))
+    _, normal = run(False)
+    learn, released = run(True)
+    body = [p for p in learn.model[0].parameters()]
+    assert all(p.requires_grad for p in body) and learn.no_grads_left.checked == 2 * len(DLS.train)
+    for a, b in zip(normal, released): torch.testing.assert_close(b, a, atol=0 if path == 'foreach' else 1e-6, rtol=0)
