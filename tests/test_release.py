@@ -61,16 +61,20 @@ FUSED_ATOL = {'muon': 3 * 1e-2 * 2**-7}
 @pytest.mark.parametrize('bucket_mb', [25, 0.02], ids=['whole-groups', 'small-buckets'])
 @pytest.mark.parametrize('name', [o for o in OPTIMIZERS if o not in REFUSED])
 def test_fused_release_steps_each_bucket_within_rounding_of_a_normal_step(name, bucket_mb):
-    """Three batches on the digits model: each fused bucket (the model's groups whole, or 20 KiB of weights: one tensor,
-    or a few small ones) steps when its last gradient arrives, and no gradient stays"""
-    from fastxtend_optim.demo import digits_model, body_head_splitter
+    """Three batches on a digits MLP: each fused bucket (the model's groups whole, or 20 KiB of weights: one tensor, or a
+    few small ones) steps when its last gradient arrives, and no gradient stays. No BatchNorm: a bias before one has a
+    gradient that is pure rounding noise, which Adam's normalised step turns into lr-sized moves, so a one-row bucket
+    (stepped eagerly, where the whole group's run is compiled) would differ by more than rounding"""
+    from fastxtend_optim.demo import body_head_splitter
     from fastxtend_optim.release import Releaser
-    torch.manual_seed(0)
-    models = [digits_model(), digits_model()]
-    models[1].load_state_dict(models[0].state_dict())
+    def mlp():
+        torch.manual_seed(0)
+        body = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU())
+        return torch.nn.Sequential(body, torch.nn.Linear(128, 10))
+    models = [mlp(), mlp()]
     opts = [OPTIMIZERS[name](body_head_splitter(m), lr=1e-2, fused=True) for m in models]
     releaser = Releaser(opts[1], bucket_mb).attach()
-    assert len(releaser.expected) == (2 if bucket_mb == 25 else 5)  # body: 2 weights alone, 2 runs of small tensors
+    assert len(releaser.expected) == (2 if bucket_mb == 25 else 5)  # body: each tensor alone; head: one bucket
     for xb, yb in list(DLS.train)[:3]:
         for m, opt in zip(models, opts):
             torch.nn.functional.cross_entropy(m(xb), yb).backward()
@@ -79,8 +83,10 @@ def test_fused_release_steps_each_bucket_within_rounding_of_a_normal_step(name, 
         assert all(p.grad is None for p in models[1].parameters())
     releaser.detach()
     assert [opts[1].state[p]['step'] for p in models[1].parameters()] == [3] * len(list(models[1].parameters()))
-    for a, b in zip(*(m.parameters() for m in models)):
-        torch.testing.assert_close(b, a, atol=FUSED_ATOL.get(name, 1e-6), rtol=0)
+    # a bucket's rows compile as a kernel of their own size, which may round an element an ulp apart from the group's
+    # (vectorised body against scalar tail); three normalised steps amplify it: measured 1.8e-6 (RMSProp, eps 1e-8)
+    atol = FUSED_ATOL.get(name, 1e-6 if bucket_mb == 25 else 1e-5)
+    for a, b in zip(*(m.parameters() for m in models)): torch.testing.assert_close(b, a, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize('name,path', [('adam', 'foreach'), ('lion', 'fused')])
@@ -140,10 +146,11 @@ class UnfreezeAfterFirstEpoch(Callback):
         if self.epoch == 0: self.learn.unfreeze()
 
 
-@pytest.mark.parametrize('path', ['foreach', 'fused'])
+@pytest.mark.parametrize('path', ['foreach', 'eightbit'])
 def test_unfreezing_inside_a_fit_hooks_the_new_tensors(path):
     """A callback unfreezes the body after the first epoch: release hooks its tensors from the next batch on, so they
-    step as in a normal run (bitwise on ForEach, within rounding on fused) and keep no gradient"""
+    step as in a normal run, bitwise, and keep no gradient (the hooks do not depend on the path; the fused path's
+    epochs can differ by amplified rounding, see above)"""
     def run(release):
         learn = learner('adam', path, release, cbs=[UnfreezeAfterFirstEpoch()])
         learn.freeze()
@@ -152,4 +159,4 @@ def test_unfreezing_inside_a_fit_hooks_the_new_tensors(path):
     learn, released = run(True)
     body = [p for p in learn.model[0].parameters()]
     assert all(p.requires_grad for p in body) and learn.no_grads_left.checked == 2 * len(DLS.train)
-    for a, b in zip(normal, released): torch.testing.assert_close(b, a, atol=0 if path == 'foreach' else 1e-6, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(normal, released))
