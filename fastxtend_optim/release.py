@@ -1,5 +1,5 @@
-"""Step each parameter during backward, as soon as its gradient is ready, and free that gradient at once: off the fused
-path, a model's full set of gradients never exists. Accumulate micro-batches into the optimizer's state, not into
+"""Step each parameter during backward, as soon as its gradient is ready, and free that gradient at once: a model's
+full set of gradients never exists. Accumulate micro-batches into the optimizer's state, not into
 a gradient buffer.
 
 Docs: https://fastxtend.github.io/fastxtend_optim/release.html.md"""
@@ -111,7 +111,7 @@ class Releaser:
 
 # %% ../nbs/06_release.ipynb #7e6fa700
 class GradientRelease(Callback):
-    "Step each parameter (each tensor group, on the fused path) when backward has its gradient, then free the gradient"
+    "Step each parameter (each bucket, on the fused path) when backward has its gradient, then free the gradient"
     order = MixedPrecision.order + 1  # after bf16 MixedPrecision's before_step, which the skipped step still runs
 
     def __init__(self, bucket_mb:float=25.):
