@@ -9,6 +9,7 @@ __all__ = []
 
 # %% ../nbs/90_all.ipynb #ced4ec30
 import importlib
+from .base import *
 from .core import *
 from .eightbit import *
 from .fused import *
@@ -33,7 +34,7 @@ from .sophia import *
 from .muon import *
 from .schedulefree import *
 
-_MODULES = ('core', 'eightbit', 'fused', 'lowbit', 'lowprec', 'release',
+_MODULES = ('base', 'core', 'eightbit', 'fused', 'lowbit', 'lowprec', 'release',
             'lion', 'adam', 'lars', 'sgd', 'rmsprop', 'adagrad', 'radam', 'qhadam', 'lamb', 'ademamix', 'lookahead',
             'adan', 'stableadamw', 'adopt', 'sophia', 'muon', 'schedulefree')
 __all__ = [n for m in _MODULES for n in importlib.import_module(f'fastxtend_optim.{m}').__all__]  # nbdev's own would be empty

@@ -6,341 +6,96 @@ Docs: https://fastxtend.github.io/fastxtend_optim/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #2fe86036
 from __future__ import annotations
-import copy, inspect, math, numbers, warnings
-from contextlib import contextmanager
+import copy, inspect, warnings
 from functools import partial
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
-import torch, torch.distributed
+import torch
 from torch import Tensor
 from fastai.optimizer import Optimizer
 from fastcore.foundation import L
+from .base import *
 from .lowbit import (state_bits_value, tensor_state_bits, absmax_key, saved_format, as_format, key_formats,
                                     StateFormat)
 from .lowprec import (KAHAN_KEY, rounding_flag, check_rounding, weight_rounding, working_weights,
                                     store_weights, working_states, store_states, noise_key)
+from .fused import fused_step, fused_unavailable
+from .eightbit import eightbit_step, convert_states, PathConversionWarning, EIGHTBIT_STATE_KEYS
 
 # %% auto #0
-__all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'STORAGE_CHECKS', 'non_negative', 'positive', 'unit_interval',
-           'closed_unit_interval', 'boolean', 'percentile_range', 'check_hypers', 'our_keywords',
-           'refuse_foreign_keywords', 'TensorGroup', 'tensor_bits', 'gather_groups', 'local_tensor', 'shard_group',
-           'sharded_over', 'is_sharded', 'whole_sums', 'whole_sums_of', 'whole_norms', 'stacked_norms', 'whole_norm',
-           'steps_runs', 'init_state', 'foreach_mul_', 'weight_decay_', 'cautious_', 'cautious_counts',
-           'apply_cautious_', 'cautious_foreach_', 'check_cautious', 'percentile_scales', 'scale_grads',
-           'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params', 'plain_number', 'FXOptimizer',
+__all__ = ['RUNNERS', 'STORAGE_CHECKS', 'NativeRunner', 'ForEachRunner', 'EightBitRunner', 'FusedRunner', 'FXOptimizer',
            'opt_partial']
 
-# %% ../nbs/00_core.ipynb #85b45c8e
-def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+# %% ../nbs/00_core.ipynb #c0e10002
+class NativeRunner:
+    """The native path: fastai's steppers, one tensor at a time. Each path is an object like this one, made once per
+    optimizer from `RUNNERS`: `step` steps a tensor group, `math` is the path's update on (maybe fp32 working) tensors"""
+    name = 'native'
+    def step(self, opt, group:TensorGroup, scales:list[Tensor]|None):
+        "Step `group`, its gradients scaled by `scales` (`percentile_scales`' factors, or `None`)"
+        opt.eager_step(group, scale_grads(group.grads, scales), partial(self.math, opt))
 
-def non_negative(name:str, v):
-    "Raise unless `v` is a finite number >= 0"
-    if not (_is_number(v) and v >= 0): raise ValueError(f"`{name}` must be a finite number >= 0, got {v!r}")
+    def math(self, opt, group:TensorGroup, grads:list[Tensor]):
+        opt.init_group_state(group)
+        hypers = opt.step_hypers(group)
+        for p, g, state in zip(group.params, grads, group.states):
+            g = opt.decay_weights(group, [p], [g])[0]
+            for stepper in opt.cbs: state.update(stepper(p, g, **{**state, **hypers}) or {})
 
-def positive(name:str, v):
-    "Raise unless `v` is a finite number > 0"
-    if not (_is_number(v) and v > 0): raise ValueError(f"`{name}` must be a finite number > 0, got {v!r}")
+    def reset(self):
+        "Forget what was built from the state (the fused path's layouts): the state, or the format it is kept in, changed"
 
-def unit_interval(name:str, v):
-    "Raise unless `v` is in [0, 1)"
-    if not (_is_number(v) and 0 <= v < 1): raise ValueError(f"`{name}` must be in [0, 1), got {v!r}")
+class ForEachRunner(NativeRunner):
+    "The ForEach path: the optimizer's `foreach_step` over cache-sized chunks of each group (`foreach_chunks`)"
+    name = 'foreach'
+    def math(self, opt, group:TensorGroup, grads:list[Tensor]):
+        grads, chunks = opt.decay_weights(group, group.params, grads), foreach_chunks(group.params)
+        lists, shared = opt.foreach_args(group, chunks)
+        for idx in chunks:
+            pick = lambda xs: [xs[i] for i in idx]
+            opt.foreach_step(pick(group.params), pick(grads), **{k: pick(v) for k, v in lists.items()}, **shared,
+                             **opt.step_hypers(group))
 
-def closed_unit_interval(name:str, v):
-    "Raise unless `v` is in [0, 1]"
-    if not (_is_number(v) and 0 <= v <= 1): raise ValueError(f"`{name}` must be in [0, 1], got {v!r}")
+class EightBitRunner(NativeRunner):
+    "The 8-bit path: bitsandbytes' kernels, one tensor at a time (see `fastxtend_optim.eightbit`)"
+    name = 'eightbit'
+    def math(self, opt, group:TensorGroup, grads:list[Tensor]): eightbit_step(opt, group, grads)
 
-def boolean(name:str, v):
-    "Raise unless `v` is a bool"
-    if not isinstance(v, bool): raise ValueError(f"`{name}` must be a bool, got {v!r}")
+class FusedRunner(NativeRunner):
+    """The fused path (see `fastxtend_optim.fused`). It owns the groups' buffers (`layouts`, rebuilt after `reset`) and
+    its fallback: where the device cannot compile, it warns once and hands the optimizer to ForEach, or, when any state
+    is low-bit (ForEach has none), runs the same math eagerly. Complex groups take ForEach"""
+    name = 'fused'
+    def __init__(self): self.layouts, self.eager = {}, False
 
-def percentile_range(name:str, v):
-    "Raise unless `v` is in (0, 100]"
-    if not (_is_number(v) and 0 < v <= 100): raise ValueError(f"`{name}` must be in (0, 100], got {v!r}")
+    def step(self, opt, group:TensorGroup, scales:list[Tensor]|None):
+        if group.key[2].is_complex: return ForEachRunner().step(opt, group, scales)
+        opt.init_group_state(group, tuple(opt.state_init))  # the kernel's buffers start other keys at zero
+        if fused_step(opt, group, scales, self.layouts, eager=self.eager): return
+        lowbit = any(tensor_bits(opt, p, h) != 32 for ps, h in zip(opt.param_lists, opt.hypers) for p in ps)
+        warnings.warn(f"the fused path cannot run on {group.params[0].device.type}: "
+                      f"{fused_unavailable(group.params[0].device)}. " +
+                      ("Its low-bit state steps with the same math, eagerly (slower)." if lowbit else
+                       "This optimizer takes the ForEach path instead."))
+        if lowbit:
+            self.eager = True
+            fused_step(opt, group, scales, self.layouts, eager=True)
+        else:
+            opt.runner = ForEachRunner()
+            opt.runner.step(opt, group, scales)
 
-def _values(v) -> list:
-    "The numbers in a hyper value: a number, a `slice`, or one per param group (list, tuple, array)"
-    if isinstance(v, slice): return [o for o in (v.start, v.stop) if o is not None]
-    return list(v) if hasattr(v, '__iter__') and not isinstance(v, (str, bytes)) else [v]
+    def reset(self): self.layouts.clear()
+    def __getstate__(self): return {**self.__dict__, 'layouts': {}}  # keyed by object ids: rebuilt at the next step
 
-def check_hypers(checks:dict, **hypers):
-    "Run `checks[name]` on each hyper that has one; `lr` and `wd` are always checked"
-    for name, v in hypers.items():
-        check = checks.get(name, non_negative if name in ('lr', 'wd') else None)
-        if check is not None:
-            for v_ in _values(v): check(name, v_)
-
-def our_keywords(name:str, hyper_names) -> list[str]|None:
-    "Our keywords for torch's or bitsandbytes' keyword `name`, for an optimizer with `hyper_names`; `None` if none"
-    names = set(hyper_names)
-    if name == 'weight_decay': return ['wd']
-    if name == 'momentum': return ['mom']
-    if name == 'betas':
-        for ours in (['mom', 'sqr_mom'], ['beta1', 'beta2'], ['mom']):
-            if set(ours) <= names: return ours
-        return None
-    if name == 'alpha' and 'sqr_mom' in names: return ['sqr_mom']  # torch's RMSprop smoothing constant
-    if name in ('beta1', 'beta2') and 'mom' in names: return ['mom' if name == 'beta1' else 'sqr_mom']
-    return None
-
-def refuse_foreign_keywords(keywords, hyper_names):
-    "Raise a TypeError that names our keyword for the first of `keywords` that is torch's or bitsandbytes' name"
-    for name in keywords:
-        ours = our_keywords(name, hyper_names)
-        if ours: raise TypeError(f"`{name}` is bitsandbytes'/torch's name: pass {', '.join(f'`{o}=`' for o in ours)}")
-
-# %% ../nbs/00_core.ipynb #b346413e
-@dataclass
-class TensorGroup:
-    "Parameters with a gradient that share hypers, device, dtype and `do_wd`"
-    hyper: dict
-    do_wd: bool
-    key: tuple = ()  # (param list index, device, dtype, do_wd, shard group, state bits)
-    shard_group: object = None  # the process group over which FSDP2 shards these tensors; `None` when whole
-    params: list = field(default_factory=list)  # local shards of sharded (`DTensor`) parameters
-    grads: list = field(default_factory=list)
-    states: list = field(default_factory=list)
-    owners: list = field(default_factory=list)  # the parameters themselves (`DTensor`s where sharded)
-
-    @property
-    def state_bits(self) -> int:
-        "Bits per element of these tensors' state on the fused path (32 on the others)"
-        return self.key[5]
-
-def tensor_bits(opt:Optimizer, p:Tensor, hyper:dict) -> int:
-    """The bits of `p`'s state in a param group with `hyper`: `state_bits` where the fused kernel steps it (see
-    `lowbit`), else 32"""
-    if getattr(opt, 'path', None) != 'fused' or p.is_complex() or not opt.fused_steps(p, hyper): return 32
-    return tensor_state_bits(opt.state[p], hyper, p.numel())
-
-def gather_groups(opt:Optimizer, members:list[tuple[int, Tensor]]|None=None) -> list[TensorGroup]:
-    """Group `opt`'s parameters that have a gradient by param group, device, dtype, `do_wd` and state bits (complex
-    tensors keep groups of their own); only `members`, `(param group index, parameter)` pairs, where given"""
-    groups, members = [], _members(opt) if members is None else members
-    for i, (params, hyper) in enumerate(zip(opt.param_lists, opt.hypers)):
-        by_key = {}
-        for p in (p for k, p in members if k == i):
-            grad = p.grad
-            if grad is None: continue
-            if grad.is_sparse: raise RuntimeError(f"parameter {_index(params, p)} of param group {i} has a sparse "
-                                                  "gradient: sparse gradients are not supported")
-            state, shards, owner = opt.state[p], shard_group(p), p
-            key = (i, p.device, p.dtype, state.get('do_wd', True), shards, tensor_bits(opt, p, hyper))
-            p, grad = local_tensor(p), local_tensor(grad)
-            if p.is_complex(): p, grad = torch.view_as_real(p), torch.view_as_real(grad)  # (..., 2) real views
-            group = by_key.get(key)
-            if group is None: group = by_key[key] = TensorGroup(hyper, key[3], key, shards)
-            group.params.append(p); group.grads.append(grad); group.states.append(state); group.owners.append(owner)
-        groups += by_key.values()
-    return groups
-
-def _members(opt) -> list[tuple[int, Tensor]]: return [(i, p) for i, ps in enumerate(opt.param_lists) for p in ps]
-def _index(params, p) -> int: return next(j for j, q in enumerate(params) if q is p)
-
-# %% ../nbs/00_core.ipynb #1eb4b38c
-_SHARDED = [None]  # the process group whole-tensor sums reduce over, inside `sharded_over`
-
-def local_tensor(t:Tensor|None) -> Tensor|None:
-    "A `DTensor`'s local shard (the same tensor object every call, a view of its storage); any other tensor as is"
-    return t._local_tensor if _is_dtensor(t) else t
-
-def _is_dtensor(t) -> bool:
-    return type(t).__name__ == 'DTensor' and hasattr(t, '_local_tensor')
-
-def shard_group(p:Tensor):
-    "The process group that shards `DTensor` `p` (one mesh dimension, `Shard` placement); `None` for whole tensors"
-    if not _is_dtensor(p): return None
-    kinds = {type(pl).__name__ for pl in p.placements}
-    sharded = [d for d, pl in enumerate(p.placements) if pl.is_shard()]
-    if len(sharded) > 1 or not kinds <= {'Shard', 'Replicate'}:
-        raise NotImplementedError(f"a parameter placed {tuple(p.placements)}: fastxtend_optim steps DTensors sharded "
-                                  "over one mesh dimension (FSDP2, HSDP), not tensor-parallel or partial ones")
-    return p.device_mesh.get_group(sharded[0]) if sharded else None
-
-@contextmanager
-def sharded_over(process_group):
-    "Within this context, `whole_sums` adds slices' sums over `process_group` (`None`: the tensors are whole)"
-    before, _SHARDED[0] = _SHARDED[0], process_group
-    try: yield
-    finally: _SHARDED[0] = before
-
-def is_sharded() -> bool:
-    "Whether the step in progress holds slices of sharded tensors"
-    return _SHARDED[0] is not None
-
-def whole_sums(local:Tensor) -> Tensor:
-    "Per-tensor sums over whole tensors from the local slices' sums: one `all_reduce` (in place) when sharded"
-    if is_sharded(): torch.distributed.all_reduce(local, group=_SHARDED[0])
-    return local
-
-def whole_sums_of(*local:Tensor) -> list[Tensor]:
-    "Several vectors of per-tensor sums over whole tensors, from one reduction (in fp32) when sharded; else as they are"
-    if not is_sharded(): return list(local)
-    return list(whole_sums(torch.cat([t.float() for t in local])).split([len(t) for t in local]))
-
-def whole_norms(*local:Tensor) -> list[Tensor]:
-    "Whole tensors' L2 norms from vectors of their slices' fp32 norms: one reduction for all when sharded; else as they are"
-    if not is_sharded(): return list(local)
-    return [sq.sqrt() for sq in whole_sums_of(*(n.square() for n in local))]
-
-def stacked_norms(*lists:list[Tensor]) -> Tensor|list[Tensor]:
-    "The fp32 L2 norm of each tensor, one vector per list (a vector for one list), of whole tensors when sharded"
-    norms = whole_norms(*(torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)) for ts in lists))
-    return norms[0] if len(lists) == 1 else norms
-
-def whole_norm(t:Tensor) -> float:
-    "One tensor's fp32 L2 norm as a number (the native path), over the whole tensor when sharded"
-    return whole_norms(torch.linalg.vector_norm(t, dtype=torch.float32).reshape(1))[0].item()
-
-# %% ../nbs/00_core.ipynb #4b00b0b8
-def steps_runs(step:list[int]) -> dict[int, list[int]]:
-    "Indices of a group's tensors at each step count: the runs a ForEach step with per-step numbers takes together"
-    runs = {}
-    for i, t in enumerate(step): runs.setdefault(t, []).append(i)
-    return runs
-
-def init_state(group:TensorGroup, key:str, make:Callable=torch.zeros_like) -> list[Tensor]:
-    "The tensors under `key` in each state of `group`, created with `make(p)` where missing"
-    return [s[key] if key in s else s.setdefault(key, make(p)) for p, s in zip(group.params, group.states)]
-
-# %% ../nbs/00_core.ipynb #de592264
-def foreach_mul_(tensors:list[Tensor], scalar):
-    """`torch._foreach_mul_(tensors, scalar)`. On CPU fp16/bf16 tensors a Python number (or a list of them) goes in as
-    0-d fp32 tensors: torch's in-place slow path would round it to their precision first (bf16: 0.99 becomes
-    0.98828125), where `Tensor.mul_` and the CUDA kernels compute in fp32"""
-    if tensors and tensors[0].device.type == 'cpu' and tensors[0].element_size() < 4:
-        if isinstance(scalar, numbers.Real): scalar = torch.tensor(float(scalar))
-        elif isinstance(scalar, (list, tuple)) and not any(isinstance(s, Tensor) for s in scalar):
-            scalar = [torch.tensor(float(s)) for s in scalar]
-    return torch._foreach_mul_(tensors, scalar)
-
-def weight_decay_(params:list[Tensor], grads:list[Tensor], lr:float, wd:float, decouple_wd:bool=True,
-                  do_wd:bool=True) -> list[Tensor]:
-    "Decay `params` in place (decoupled) or return `grads + wd*params` (L2); returns the gradients to use"
-    if not do_wd or wd == 0: return grads
-    if decouple_wd:
-        foreach_mul_(params, 1 - lr*wd)
-        return grads
-    return torch._foreach_add(grads, params, alpha=wd)
-
-# %% ../nbs/00_core.ipynb #fe4730e6
-def cautious_(u:Tensor, g:Tensor) -> Tensor:
-    "Zero `u` where `u*g <= 0` and rescale it by `numel/(kept + 1)`, in place"
-    mask = (u * g > 0).to(u.dtype)
-    if not is_sharded(): return u.mul_(mask.mul_(u.numel() / (mask.sum() + 1)))
-    kept, numel = whole_sums(torch.stack([mask.sum(dtype=torch.float32), torch.tensor(float(u.numel()))])).unbind()
-    return u.mul_(mask.mul_(numel / (kept + 1)))
-
-def cautious_counts(us:list[Tensor], gs:list[Tensor]) -> tuple[list[Tensor], Tensor]:
-    "The 0/1 masks where `u*g > 0`, and this rank's counts: every tensor's kept elements, then its elements"
-    masks = torch._foreach_mul(us, gs)
-    torch._foreach_sign_(masks)
-    torch._foreach_clamp_min_(masks, 0)
-    kept = torch.stack(torch._foreach_norm(masks)).square_().round_()  # a 0/1 mask's count; 2-norms are the fast ones
-    return masks, torch.cat([kept, torch.tensor([u.numel() for u in us], dtype=kept.dtype, device=kept.device)])
-
-def apply_cautious_(us:list[Tensor], masks:list[Tensor], counts:Tensor) -> list[Tensor]:
-    "Mask `us` in place and rescale each by `numel/(kept + 1)`, from `cautious_counts`' (whole) counts"
-    kept, numels = counts.split(len(us))
-    scales = numels * (kept + 1).reciprocal()  # what `numel / tensor` computes in `cautious_`
-    foreach_mul_(masks, list(scales.to(us[0].dtype).unbind()))
-    foreach_mul_(us, masks)
-    return us
-
-def cautious_foreach_(us:list[Tensor], gs:list[Tensor]) -> list[Tensor]:
-    "`cautious_` on lists of tensors: the masks' counts come from one `_foreach_norm` (and one reduction)"
-    masks, counts = cautious_counts(us, gs)
-    return apply_cautious_(us, masks, *whole_sums_of(counts))
-
-def check_cautious(cautious, eightbit):
-    "`cautious` must be a bool, and cannot reach bitsandbytes' kernels, which apply their own update"
-    boolean('cautious', cautious)
-    if cautious and eightbit:
-        raise ValueError("`cautious=True` is not available with `eightbit=True`: bitsandbytes' kernels apply the "
-                         "update themselves, so it cannot be masked")
-
-# %% ../nbs/00_core.ipynb #98a20fd3
-GNORM_HISTORY = 100
-
-def percentile_scales(grads:list[Tensor], states:list[dict], percentile:float=100) -> list[Tensor]|None:
-    "Per gradient, the factor that brings it down to the `percentile`-th percentile of its recent norms; `None` at 100"
-    if percentile >= 100: return None
-    scales, norms = [], torch._foreach_norm(grads) if not is_sharded() else stacked_norms(grads).unbind()
-    for g, n, s in zip(grads, norms, states):
-        hist = s.get('gnorm_hist')
-        if hist is None: hist = s['gnorm_hist'] = torch.zeros(GNORM_HISTORY, device=g.device)
-        count = s.get('gnorm_count', 0)
-        hist[count % GNORM_HISTORY] = n
-        s['gnorm_count'] = count + 1
-        seen = hist[:min(count + 1, GNORM_HISTORY)]
-        rank = max(1, math.ceil(percentile / 100 * len(seen)))
-        limit = seen.kthvalue(rank).values
-        scales.append(torch.where(n > limit, limit / n, torch.ones_like(n)).to(g.dtype))
-    return scales
-
-def scale_grads(grads:list[Tensor], scales:list[Tensor]|None) -> list[Tensor]:
-    "`grads` times `percentile_scales`' factors, as new tensors; `grads` itself when clipping is off"
-    return grads if scales is None else torch._foreach_mul(grads, scales)
-
-def clip_by_percentile(grads:list[Tensor], states:list[dict], percentile:float=100) -> list[Tensor]:
-    "Gradients scaled down to the `percentile`-th percentile of their own recent norms"
-    return scale_grads(grads, percentile_scales(grads, states, percentile))
-
-# %% ../nbs/00_core.ipynb #c0c3dc7a
-FOREACH_CPU_CHUNK = 2**19
-
-def foreach_chunks(params:list[Tensor], limit:int|None=None) -> list[list[int]]:
-    """Indices of `params` in consecutive chunks of at most `limit` (`FOREACH_CPU_CHUNK`) elements on the CPU; one chunk
-    while a sharded group steps, since each chunk's whole-tensor sums are collectives that every rank must make alike,
-    and uneven slices would chunk differently on each rank"""
-    limit = limit or FOREACH_CPU_CHUNK
-    if not params or params[0].device.type != 'cpu' or is_sharded(): return [list(range(len(params)))]
-    chunks, size = [[]], 0
-    for i, p in enumerate(params):
-        if chunks[-1] and size + p.numel() > limit: chunks.append([]); size = 0
-        chunks[-1].append(i); size += p.numel()
-    return chunks
-
-# %% ../nbs/00_core.ipynb #ec6376cb
-PATHS = ('native', 'foreach', 'fused', 'eightbit')
-
-def select_path(foreach:bool|None=None, eightbit:bool=False, fused:bool=False) -> str:
-    "The path an optimizer takes: 'native', 'foreach', 'fused' or 'eightbit'"
-    for name, v in dict(eightbit=eightbit, fused=fused).items():
-        if not isinstance(v, bool): raise ValueError(f"`{name}` must be a bool, got {v!r}")
-    if eightbit and foreach:
-        raise ValueError("`foreach=True` and `eightbit=True` are exclusive: the 8-bit path runs bitsandbytes' kernels "
-                         "one tensor at a time. Pass one of them.")
-    if fused and (foreach or eightbit):
-        raise ValueError(f"`fused=True` and `{'foreach' if foreach else 'eightbit'}=True` are exclusive: the fused path "
-                         "runs its own compiled kernel over whole tensor groups. Pass one of them.")
-    if eightbit: return 'eightbit'
-    if fused: return 'fused'
-    return 'native' if foreach is False else 'foreach'
-
-# %% ../nbs/00_core.ipynb #b8a3269d
-def check_params(param_lists, complex_ok:bool, path:str):
-    "Refuse what no path can step: non-tensors, non-leaf tensors, a parameter given twice, unsupported complex ones"
-    seen = {}
-    for i, params in enumerate(param_lists):
-        for j, p in enumerate(params):
-            where = f"parameter {j} of param group {i}"
-            if not isinstance(p, Tensor): raise TypeError(f"{where} is a {type(p).__name__}, not a tensor")
-            if not p.is_leaf: raise ValueError(f"{where} is not a leaf tensor: optimize the tensor it is computed from")
-            if id(p) in seen: raise ValueError(f"{where} is {seen[id(p)]} again: each parameter may appear only once")
-            if p.is_complex() and not complex_ok:
-                raise ValueError(f"{where} is complex, which this optimizer does not support on the {path!r} path")
-            seen[id(p)] = where
-
-def plain_number(v):
-    "A numpy scalar (fastai's schedulers set hypers to `np.float64`) as a Python number; anything else as is"
-    return v.item() if hasattr(v, 'item') and getattr(v, 'ndim', None) == 0 and not isinstance(v, Tensor) else v
+RUNNERS = dict(native=NativeRunner, foreach=ForEachRunner, fused=FusedRunner, eightbit=EightBitRunner)
 
 # %% ../nbs/00_core.ipynb #b45685df
 STORAGE_CHECKS = dict(state_bits=state_bits_value, kahan_sum=rounding_flag, stochastic_round=rounding_flag)
 
 class FXOptimizer(Optimizer):
-    "A fastai `Optimizer` that steps on the native, ForEach or 8-bit path"
+    "A fastai `Optimizer` that steps on the native, ForEach, fused or 8-bit path (`runner`, one of `RUNNERS`)"
     weight_state = ()  # state keys that hold weights (Schedule-Free's `z`): fp32 beside 16-bit weights that round
+    state_init = {}  # how a state key starts where not as zeros like its tensor: `{key: make(p)}`
 
     def __init__(self, params, steppers:list[Callable], foreach_step:Callable, state_keys:tuple=(),
                  path:str='foreach', checks:dict|None=None, group_check:Callable|None=None, eightbit=None,
@@ -351,7 +106,7 @@ class FXOptimizer(Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params)
         if not params or all(isinstance(pg, (list, tuple, L)) and not len(pg) for pg in params):
             raise ValueError("`params` is empty: the optimizer needs at least one parameter")
-        self.checks, self.group_check, self.path = {**STORAGE_CHECKS, **(checks or {})}, group_check, path
+        self.checks, self.group_check, self.runner = {**STORAGE_CHECKS, **(checks or {})}, group_check, RUNNERS[path]()
         check_hypers(self.checks, **defaults)
         self._check_group(defaults)
         super().__init__(params, steppers, **defaults)
@@ -359,6 +114,12 @@ class FXOptimizer(Optimizer):
         for h in self.hypers: check_rounding(h)  # per param group, once fastai has split the defaults
         self.foreach_step, self.state_keys = foreach_step, tuple(state_keys)
         self.eightbit, self.eightbit_args, self.fused, self.own_decay = eightbit, eightbit_args, fused, own_decay
+        self.check_param_groups()
+
+    @property
+    def path(self) -> str:
+        "The path this optimizer steps on: 'native', 'foreach', 'fused' or 'eightbit' (`runner.name`)"
+        return self.runner.name
 
     def set_hyper(self, k, v):
         "fastai's `set_hyper`, refusing a value its check or the group check rejects (the hypers stay as they were)"
@@ -368,10 +129,11 @@ class FXOptimizer(Optimizer):
         else: super().set_hyper(k, v)
         try:
             for h in self.hypers: self._check_group(h)
+            self.check_param_groups()
         except ValueError:
             for h, old in zip(self.hypers, before): h.clear(); h.update(old)
             raise
-        if k in STORAGE_CHECKS: self.__dict__.pop('_fused_layouts', None)  # new layouts in the new format
+        if k in STORAGE_CHECKS: self.runner.reset()  # new layouts in the new format
 
     def _check_group(self, h:dict):
         "The optimizer's own check of a group's hypers, and the path's: `state_bits` other than 32 is the fused path's"
@@ -382,6 +144,27 @@ class FXOptimizer(Optimizer):
             raise ValueError(f"`state_bits={bits}` needs the fused path (`fused=True`): the {self.path!r} path keeps "
                              "state in the weights' dtype" + ("; `eightbit=True` is bitsandbytes' own 8-bit state, and "
                              "takes no `state_bits`" if self.path == 'eightbit' else ''))
+
+    def init_group_state(self, group:TensorGroup, keys:tuple|None=None) -> dict[str, list[Tensor]]:
+        "Each of `keys` (`state_keys`) as a list over `group`'s tensors, created where missing (see `state_init`)"
+        return {key: init_state(group, key, self.state_init.get(key, torch.zeros_like)) for key in (self.state_keys if keys is None else keys)}
+
+    def check_param_groups(self):
+        """A hook: raise a `ValueError` for param groups this optimizer refuses (Muon: a tensor that is not 2-D sent to
+        Muon). It runs when the optimizer is built and after every `set_hyper`, which then restores the hypers"""
+
+    def prepare_group(self, group:TensorGroup):
+        "A hook: work on `group` once per step, after its step counts and before any path (Schedule-Free's schedule)"
+
+    def split_group(self, group:TensorGroup, scales:list[Tensor]|None) -> list[tuple]:
+        """A hook: `group` as parts `(TensorGroup, its scales, math)`. The path steps a part whose `math` is `None`; any
+        other part steps with `math(part, grads)` through `eager_step` (Muon's matrices, on every path)"""
+        return [(group, scales, None)]
+
+    def foreach_args(self, group:TensorGroup, chunks:list[list[int]]) -> tuple[dict, dict]:
+        """A hook: the per-tensor lists the ForEach step takes (each state key, and `step`), and keywords shared by all
+        chunks (Schedule-Free's scratch buffers)"""
+        return {**self.init_group_state(group), 'step': [s['step'] for s in group.states]}, {}
 
     def fused_steps(self, p:Tensor, hyper:dict) -> bool:
         "Whether the fused kernel steps `p` on the fused path (so that its state can be low-bit): a hook for optimizers"
@@ -396,7 +179,7 @@ class FXOptimizer(Optimizer):
         mine = {id(p) for p, *_ in self.all_params()}
         if not all(id(p) in mine for p in params): raise ValueError("`params` holds a tensor this optimizer does not step")
         for p in params: self.state[p]['state_bits'] = bits
-        self.__dict__.pop('_fused_layouts', None)  # rebuilt at the next step, from the state as it is
+        self.runner.reset()  # rebuilt at the next step, from the state as it is
 
     def zero_grad(self, set_to_none:bool=False):
         "Zero the gradients, or drop them when `set_to_none`"
@@ -424,17 +207,18 @@ class FXOptimizer(Optimizer):
             with sharded_over(group.shard_group): self._step_group(group)
 
     def _step_group(self, group:TensorGroup):
-        "Step one tensor group on this optimizer's path"
+        "Step one tensor group: its step counts, `prepare_group`, clipping's factors, then each part on its path"
         for state in group.states: state['step'] = state.get('step', 0) + 1
+        self.prepare_group(group)
         scales = percentile_scales(group.grads, group.states, group.hyper.get('percentile_clipping', 100))
-        fused = self.path == 'fused' and not group.key[2].is_complex  # complex groups take ForEach
-        if fused and self._fused_step(group, scales): return
-        step = getattr(self, '_foreach_step' if self.path == 'fused' else f'_{self.path}_step')
-        self.eager_step(group, scale_grads(group.grads, scales), step)
+        for part, part_scales, math in self.split_group(group, scales):
+            if not part.params: continue
+            if math is None: self.runner.step(self, part, part_scales)
+            else: self.eager_step(part, scale_grads(part.grads, part_scales), math)
 
     def eager_step(self, group:TensorGroup, grads:list[Tensor], step:Callable):
         """`step(group, grads)`: a step off the fused kernel. 16-bit weights step as fp32 working copies, stored back with
-        Kahan summation or stochastic rounding (see `lowprec`); a hook for optimizers that step part of a group themselves"""
+        Kahan summation or stochastic rounding (see `lowprec`)"""
         rounding = weight_rounding(group.hyper, group.key[2])
         if rounding is None and not any(KAHAN_KEY in s for s in group.states): return step(group, grads)
         for idx in foreach_chunks(group.params):  # fp32 copies of a chunk: params, gradients, state
@@ -454,53 +238,27 @@ class FXOptimizer(Optimizer):
             number = self._numbers = {id(p): n for n, (p, *_) in enumerate(self.all_params())}
         return [noise_key(s['step'], number[id(o)]) for s, o in zip(group.states, group.owners)]
 
-    def _fused_step(self, group, scales) -> bool:
-        """The fused step; where this device cannot compile, warn once with the reason and take ForEach from now on, or,
-        when any state is not 32-bit (ForEach has no low-bit state), run the fused math eagerly"""
-        from fastxtend_optim.fused import fused_step, fused_unavailable
-        if fused_step(self, group, scales, eager=getattr(self, '_fused_eager', False)): return True
-        device = group.params[0].device
-        lowbit = any(tensor_bits(self, p, h) != 32 for ps, h in zip(self.param_lists, self.hypers) for p in ps)
-        warnings.warn(f"the fused path cannot run on {device.type}: {fused_unavailable(device)}. " +
-                      ("Its low-bit state steps with the same math, eagerly (slower)." if lowbit else
-                       "This optimizer takes the ForEach path instead."))
-        if lowbit:
-            self._fused_eager = True
-            return fused_step(self, group, scales, eager=True)
-        self.path = 'foreach'
-        return False
-
     def __getstate__(self):
-        "Pickle without the fused path's layouts: they are keyed by object ids, and rebuilt at the next step"
-        return {k: v for k, v in self.__dict__.items() if k not in ('_fused_layouts', '_numbers')}
+        "Pickle without the noise keys' cache: it is keyed by object ids"
+        return {k: v for k, v in self.__dict__.items() if k != '_numbers'}
+
+    def __setstate__(self, state:dict):
+        "Unpickle, also an optimizer pickled when its path was a name (`path`) and the fused path's flags its own"
+        state = {k: v for k, v in state.items() if k not in ('_fused_layouts', '_fused_eager')}
+        path = state.pop('path', None)
+        self.__dict__.update(state)
+        if 'runner' not in state: self.runner = RUNNERS[path]()
 
     def step_hypers(self, group) -> dict:
         "The hypers a step sees; with `own_decay`, `wd` is 0 for fastai's `do_wd=False` tensors"
         if not self.own_decay or group.do_wd: return group.hyper
         return {**group.hyper, 'wd': 0.}
 
-    def _decay(self, group, params, grads):
+    def decay_weights(self, group:TensorGroup, params:list[Tensor], grads:list[Tensor]) -> list[Tensor]:
+        "The core's weight decay of `params` (none with `own_decay`); returns the gradients to step with"
         h = group.hyper
         if self.own_decay: return grads  # the optimizer's own step decays
         return weight_decay_(params, grads, h['lr'], h.get('wd', 0.), h.get('decouple_wd', True), group.do_wd)
-
-    def _native_step(self, group, grads):
-        for key in self.state_keys: init_state(group, key)
-        for p, g, state in zip(group.params, grads, group.states):
-            g = self._decay(group, [p], [g])[0]
-            for stepper in self.cbs: state.update(stepper(p, g, **{**state, **self.step_hypers(group)}) or {})
-
-    def _foreach_step(self, group, grads):
-        grads = self._decay(group, group.params, grads)
-        state = {key: init_state(group, key) for key in self.state_keys}
-        for idx in foreach_chunks(group.params):
-            pick = lambda xs: [xs[i] for i in idx]
-            self.foreach_step(pick(group.params), pick(grads), **{k: pick(v) for k, v in state.items()},
-                              step=pick([s['step'] for s in group.states]), **self.step_hypers(group))
-
-    def _eightbit_step(self, group, grads):
-        from fastxtend_optim.eightbit import eightbit_step
-        eightbit_step(self, group, grads)
 
     def state_dict(self) -> dict:
         "State and hypers as plain lists and dicts, loadable with `torch.load(weights_only=True)`"
@@ -522,15 +280,12 @@ class FXOptimizer(Optimizer):
             raise ValueError(f"this optimizer is on the {self.path!r} path and cannot use the saved state keys "
                              f"{sorted(foreign)}: it has no 8-bit path to convert them from")
         if foreign:
-            from fastxtend_optim.eightbit import convert_states
             states, note = convert_states(self, states)
             notes.append(str(note))
         self._check_state_shapes(states)
         super().load_state_dict({'state': states, 'hypers': L(hypers)})
-        self.__dict__.pop('_fused_layouts', None)  # rebuilt at the next step, from the loaded state
-        if notes:
-            from fastxtend_optim.eightbit import PathConversionWarning
-            warnings.warn(PathConversionWarning('; '.join(notes)))
+        self.runner.reset()  # rebuilt at the next step, from the loaded state
+        if notes: warnings.warn(PathConversionWarning('; '.join(notes)))
 
     @staticmethod
     def _own_storage(saved:dict, mine:dict) -> dict:
@@ -588,7 +343,6 @@ class FXOptimizer(Optimizer):
 
     def _foreign_state_keys(self, states) -> set:
         "The saved keys that belong to the other side of the 8-bit/fp32 divide: they need converting"
-        from fastxtend_optim.eightbit import EIGHTBIT_STATE_KEYS
         saved = set().union(*(s.keys() for s in states))
         if self.path != 'eightbit': return saved & EIGHTBIT_STATE_KEYS
         return saved & ({k for keys in self.eightbit.fp32_keys for k in keys} | set(self.state_keys))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 import torch
 from torch import Tensor
-from .core import TensorGroup, weight_decay_, refuse_foreign_keywords
+from .base import TensorGroup, weight_decay_, refuse_foreign_keywords, local_tensor
 from .lowbit import map_values
 from .lowprec import KAHAN_KEY
 
@@ -286,7 +286,6 @@ def fp32_to_eightbit(p:Tensor, s:dict, spec:EightBitSpec, args:EightBitArgs, i:i
 def convert_states(opt, states:list[dict]) -> tuple[list[dict], PathConversionWarning]:
     """`opt`'s saved `states` from the other side of the 8-bit/fp32 divide, converted for `opt.path`, and the one
     warning that says so; raises `ValueError` (and converts nothing) where the state cannot convert"""
-    from .core import local_tensor  # a sharded parameter's state is its shard's
     spec, params = opt.eightbit, [local_tensor(p) for p, *_ in opt.all_params()]
     to_8bit, out, counts = opt.path == 'eightbit', [], [0, 0]
     if not to_8bit: check_target_keys(spec, opt.state_keys)

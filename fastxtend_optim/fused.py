@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 import torch
 from torch import Tensor
-from .core import whole_norms, whole_sums_of, local_tensor, shard_group, tensor_bits
+from .base import whole_norms, whole_sums_of, local_tensor, shard_group, tensor_bits
 from .lowbit import StateFormat, absmax_key, as_format, saved_format, encode_rows, decode_rows, key_formats
 from .lowprec import (KAHAN_KEY, LOW_PRECISION, weight_rounding, rounded_weights, rounding_bits, noise_key,
                                      stochastic_round, fold_compensation)
@@ -351,9 +351,9 @@ def tensor_key(opt, p:Tensor, hyper:dict) -> tuple:
     "The part of a tensor group's key that belongs to the tensor: device, dtype, fastai's `do_wd`, shard group, state bits"
     return (p.device, p.dtype, opt.state[p].get('do_wd', True), shard_group(p), tensor_bits(opt, p, hyper))
 
-def group_layout(opt, group) -> FusedLayout:
-    "`group`'s layout, rebuilt when it lacks a member or a member's weights moved (`model.to`, `p.data = ...`)"
-    layouts = opt.__dict__.setdefault('_fused_layouts', {})
+def group_layout(opt, group, layouts:dict) -> FusedLayout:
+    """`group`'s layout from `layouts` (the fused runner's, by group key), rebuilt when it lacks a member or a member's
+    weights moved (`model.to`, `p.data = ...`)"""
     old, formats = layouts.get(group.key), opt.state_formats(group.state_bits, opt.hypers[group.key[0]], group.key[2])
     keeps_grads = not getattr(opt, 'grads_released', False)
     if old is not None and old.holds(group.params) and old.formats == formats and old.keeps_grads == keeps_grads:
@@ -382,14 +382,14 @@ def _pack(values:list, device, width:int|None=None) -> Tensor:
     return torch.stack([v.to(device=device, dtype=torch.float32) for v in values]) if values else \
         torch.zeros(0, width, device=device)
 
-def fused_step(opt, group, grad_scales:list[Tensor]|None, eager:bool=False) -> bool:
+def fused_step(opt, group, grad_scales:list[Tensor]|None, layouts:dict, eager:bool=False) -> bool:
     """Step `group` on the fused path, one compiled kernel per run of consecutive members; `False` if it cannot compile,
     unless `eager`: then the same math runs uncompiled"""
     device = group.params[0].device
     if fused_unavailable(device) is not None and not eager: return False
     rounding = weight_rounding(group.hyper, group.key[2])
     if rounding != 'kahan': fold_compensation(group.params, group.states)
-    layout = group_layout(opt, group)
+    layout = group_layout(opt, group, layouts)
     place = layout.place(group.params)
     layout.sync_all(place, group.grads, group.states)
     if layout.staged: torch._foreach_copy_(place.views['p'], place.params)  # FSDP2 keeps its own shard storage

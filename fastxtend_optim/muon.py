@@ -11,7 +11,7 @@ from functools import partial
 import torch
 from torch import nn, Tensor
 from .core import (FXOptimizer, TensorGroup, select_path, unit_interval, non_negative, percentile_range,
-                                  boolean, opt_partial, init_state, scale_grads, refuse_foreign_keywords, positive,
+                                  boolean, opt_partial, init_state, refuse_foreign_keywords, positive,
                                   shard_group)
 from .adam import adam_step, adam_foreach_step, ADAM_FUSED
 from .eightbit import no_eightbit
@@ -153,26 +153,13 @@ def adamw_hypers(h:dict) -> dict:
 # %% ../nbs/25_muon.ipynb #36b78128
 class MuonOptimizer(FXOptimizer):
     "An `FXOptimizer` whose tensor groups split into Muon matrices and AdamW tensors (see `uses_muon`)"
-    def __init__(self, params, *args, **kwargs):
-        super().__init__(params, *args, **kwargs)
-        self._check_muon()
-
-    def _check_muon(self):
-        "Refuse a tensor that is not 2-D in a group with `muon=True`"
+    def check_param_groups(self):
+        "Refuse a tensor that is not 2-D in a group with `muon=True` (and, in `set_hyper`, restore the hypers)"
         for i, (params, h) in enumerate(zip(self.param_lists, self.hypers)):
             for j, p in enumerate(params):
                 if h.get('muon') and p.ndim != 2:
                     raise ValueError(f"parameter {j} of param group {i} has shape {tuple(p.shape)}: Muon takes only 2-D "
                                      "tensors. Put it in a group with `muon=False` (AdamW), or leave `muon=None`")
-
-    def set_hyper(self, k, v):
-        "The core's `set_hyper`; a `muon` that sends a tensor that is not 2-D to Muon is refused, and nothing changes"
-        before = [dict(h) for h in self.hypers]
-        super().set_hyper(k, v)
-        try: self._check_muon()
-        except ValueError:
-            for h, old in zip(self.hypers, before): h.clear(); h.update(old)
-            raise
 
     def fused_steps(self, p:Tensor, hyper:dict) -> bool:
         "Muon's matrices step on ForEach, whatever the path: only the AdamW tensors can take low-bit state"
@@ -190,32 +177,21 @@ class MuonOptimizer(FXOptimizer):
             parts.append((part, *map(pick, lists)))
         return tuple(parts)
 
-    def _native_step(self, group, grads):
-        (mg, mgrads), (ag, agrads) = self._split(group, grads)
-        init_state(mg, 'grad_avg')
-        for p, g, state, o in zip(mg.params, mgrads, mg.states, mg.owners):
-            self._decay(mg, [p], [g])
-            muon_step(p, g, **{**state, **mg.hyper}, owner=o if mg.shard_group is not None else None)
-        if ag.params: super()._native_step(ag, agrads)
-
-    def _muon_foreach(self, part, grads):
-        if not part.params: return
-        self._decay(part, part.params, grads)
-        owners = part.owners if part.shard_group is not None else None
-        muon_foreach_step(part.params, grads, init_state(part, 'grad_avg'), owners=owners, **part.hyper)
-
-    def _foreach_step(self, group, grads):
-        (mg, mgrads), (ag, agrads) = self._split(group, grads)
-        self._muon_foreach(mg, mgrads)
-        if ag.params: super()._foreach_step(ag, agrads)
-
-    def _fused_step(self, group, scales) -> bool:
-        "The AdamW part on the fused path, the Muon part on ForEach; where the fused path cannot compile, the core's fallback"
-        from fastxtend_optim.fused import fused_step, fused_unavailable
-        if fused_unavailable(group.params[0].device) is not None: return super()._fused_step(group, scales)
+    def split_group(self, group:TensorGroup, scales:list[Tensor]|None) -> list[tuple]:
+        "The Muon matrices step with Muon's math on every path; the AdamW tensors step on the optimizer's path"
         (mg, mscales), (ag, ascales) = self._split(group, scales)
-        if mg.params: self.eager_step(mg, scale_grads(mg.grads, mscales), self._muon_foreach)
-        return not ag.params or fused_step(self, ag, ascales)
+        return [(mg, mscales, self._muon_math), (ag, ascales, None)]
+
+    def _muon_math(self, part:TensorGroup, grads:list[Tensor]):
+        "Muon's update after the core's decay: one tensor at a time on the native path, `muon_foreach_step` on the others"
+        self.decay_weights(part, part.params, grads)
+        owners = part.owners if part.shard_group is not None else None
+        if self.path != 'native':
+            return muon_foreach_step(part.params, grads, init_state(part, 'grad_avg'), owners=owners, **part.hyper)
+        init_state(part, 'grad_avg')
+        for p, g, state, o in zip(part.params, grads, part.states, owners or [None] * len(grads)):
+            muon_step(p, g, **{**state, **part.hyper}, owner=o)
+
 
 # %% ../nbs/25_muon.ipynb #5fd4349e
 MUON_CHECKS = dict(mom=unit_interval, nesterov=boolean, ns_steps=ns_steps_range, eps=positive,

@@ -116,5 +116,5 @@ def test_complex_and_real_adam_fused_together():
         grads = [randn(w0.shape, generator=g), randn(z0.shape, dtype=torch.cfloat, generator=g)]
         for o, r, gr in zip(ours, ref, grads): o.grad, r.grad = gr.clone(), gr.clone()
         opt.step(); ref_opt.step()
-    assert len(opt._fused_layouts) == 1   # the real tensor's group only
+    assert len(opt.runner.layouts) == 1   # the real tensor's group only
     for o, r in zip(ours, ref): torch.testing.assert_close(o.detach(), r.detach(), atol=1e-5, rtol=1e-5)

@@ -122,7 +122,7 @@ def test_autograd_gradients_and_unused_layers(set_to_none):
     (a, _), (b, opt) = autograd_run('native', set_to_none=set_to_none), autograd_run('fused', set_to_none=set_to_none)
     assert_close_lists(list(b.parameters()), list(a.parameters()), atol=1e-6)
     if not set_to_none:  # the gradients stayed views of the group buffer, so no copy was needed
-        layout = next(iter(opt._fused_layouts.values()))
+        layout = next(iter(opt.runner.layouts.values()))
         assert all(p.grad is v for p, v in zip(layout.params, layout.views['g']))
 
 

@@ -106,11 +106,11 @@ def test_fused_weights_stay_views_of_the_buffers():
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         run(opt, ps, 10)
-    layouts = list(opt._fused_layouts.values())
+    layouts = list(opt.runner.layouts.values())
     assert len(layouts) == 4 and all(l.holds(l.params) for l in layouts)  # 2 groups x do_wd
     ids = [id(l) for l in layouts]
     run(opt, ps, 3, start=10)
-    assert [id(l) for l in opt._fused_layouts.values()] == ids
+    assert [id(l) for l in opt.runner.layouts.values()] == ids
     for l in layouts:
         for p, v in zip(l.params, l.views['p']): assert p.data_ptr() == v.data_ptr()
 

@@ -160,7 +160,7 @@ def test_bitsandbytes_codes_move_unchanged_both_ways():
         from fastxtend_optim.core import gather_groups
         from fastxtend_optim.fused import group_layout
         for g in gather_groups(ours):
-            layout = group_layout(ours, g)
+            layout = group_layout(ours, g, ours.runner.layouts)
             layout.sync_all(layout.place(g.params), g.grads, g.states)
     for p, q in zip(w, v):
         for i, k in ((1, 'grad_avg'), (2, 'sqr_avg')):
@@ -298,6 +298,6 @@ def test_layout_padding_stays_zero_at_4_bits():
     w = [torch.randn(4100, requires_grad=True), torch.randn(5000, requires_grad=True)]
     opt = Adam(w, lr=1e-2, fused=True, state_bits=4)
     _steps(opt, w, 5)
-    layout = next(iter(opt._fused_layouts.values()))
+    layout = next(iter(opt.runner.layouts.values()))
     flat = layout.bufs['p'].view(-1)
     assert flat[4100:4352].abs().max() == 0 and flat[4352 + 5000:].abs().max() == 0

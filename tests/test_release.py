@@ -22,7 +22,7 @@ class NoGradsLeft(Callback):
     def before_fit(self): self.checked = 0
     def after_backward(self):
         assert all(p.grad is None for p in self.learn.model.parameters())
-        assert all('g' not in layout.bufs for layout in self.learn.opt.__dict__.get('_fused_layouts', {}).values())
+        assert all('g' not in layout.bufs for layout in getattr(self.learn.opt.runner, 'layouts', {}).values())
         self.checked += 1
 
 
