@@ -31,7 +31,7 @@ from .stableadamw import StableAdamW, stableadamw
 from .adopt import ADOPT, adopt
 from .sophia import Sophia, sophia, SophiaCallback
 from .muon import Muon
-from .schedulefree import ScheduleFreeAdamW, schedulefree_adamw
+from .schedulefree import ScheduleFreeAdamW, schedulefree_adamw, ScheduleFreeCallback
 from .demo import digits_dls, digits_learner, PATH_FUNCS
 from .profiler import markdown_table  # also patches `Learner.profile`
 
@@ -65,7 +65,8 @@ OPTIMIZERS = {  # factory, partial for the digits Learner and its peak lr, bytes
     'muon': dict(opt=Muon, partial=lambda **kw: partial(Muon, muon=[None, False], **kw), lr=2e-2, bytes=20,
                  paths=NO_EIGHTBIT),  # the digits head (group 1) takes AdamW; bytes: the element-wise part only
     'schedulefree_adamw': dict(opt=ScheduleFreeAdamW, lr=5e-3, bytes=28, paths=NO_EIGHTBIT, fit='fit',
-                               partial=lambda **kw: schedulefree_adamw(warmup_steps=20, wd=0.01, **kw)),
+                               partial=lambda **kw: schedulefree_adamw(warmup_steps=20, wd=0.01, **kw),
+                               cbs=lambda: [ScheduleFreeCallback()]),
 }
 
 LOWBIT_PATHS = {f'fused{b}': dict(fused=True, state_bits=b) for b in (16, 8, 4)}  # the fused path with low-bit state
@@ -129,11 +130,13 @@ def per_process(batches:int) -> int:
 
 def warmup_batches(batches:int) -> int: return min(2, batches - 1)  # untimed: the first 2, keeping one to time
 
+@contextlib.contextmanager
 def _data_parallel(learn):
     "Under a launcher, fastai's DDP (`learn.distrib_ctx()`; on the CPU with gloo, unsynchronised BatchNorm); else nothing"
-    if launched() == 1: return contextlib.nullcontext()
-    import fastxtend_optim.distributed  # fastai's DistributedDL on the CPU
-    return learn.distrib_ctx(sync_bn=False, cpu=True) if learn.dls.device.type == 'cpu' else learn.distrib_ctx()
+    if launched() == 1: yield; return
+    from fastxtend_optim.distributed import BackendBroadcast  # fastai's DistributedDL broadcasts on CUDA alone
+    cpu = learn.dls.device.type == 'cpu'
+    with learn.added_cbs(BackendBroadcast()), learn.distrib_ctx(**(dict(sync_bn=False, cpu=True) if cpu else {})): yield
 
 def _profiled_fit(learn, name:str, epochs:int, warmup:int) -> dict:
     "Fit with optimizer `name`'s lr, fit method and callbacks under the profiler: mean step, its share, state, samples/s"

@@ -7,6 +7,7 @@ Docs: https://fastxtend.github.io/fastxtend_optim/distributed.html.md"""
 # %% ../nbs/03_distributed.ipynb #78f12029
 from __future__ import annotations
 import warnings
+from types import MethodType
 import torch
 from torch import Tensor
 import torch.distributed.checkpoint as dcp
@@ -15,11 +16,12 @@ from torch.distributed.tensor import DTensor
 from .core import local_tensor
 from .eightbit import PathConversionWarning, eightbit_to_fp32, check_target_keys
 from .lowbit import decode_state
-try: from fastai.distributed import DistributedDL  # needs accelerate, as fastai's DDP does
-except ImportError: DistributedDL = None
+from fastai.callback.core import Callback
+try: from fastai.distributed import DistributedDL, DistributedTrainer  # needs accelerate, as fastai's DDP does
+except ImportError: DistributedDL = DistributedTrainer = None
 
 # %% auto #0
-__all__ = ['elementwise_keys', 'sharded_state_dict', 'load_sharded_state_dict']
+__all__ = ['BackendBroadcast', 'elementwise_keys', 'sharded_state_dict', 'load_sharded_state_dict']
 
 # %% ../nbs/03_distributed.ipynb #d370db10
 def _broadcast_indices(self, idxs:list, rank:int) -> list:
@@ -29,7 +31,16 @@ def _broadcast_indices(self, idxs:list, rank:int) -> list:
     torch.distributed.broadcast(t, rank)
     return t.tolist()
 
-if DistributedDL is not None: DistributedDL._broadcast = _broadcast_indices
+class BackendBroadcast(Callback):
+    "Under fastai's DDP, its `DistributedDL`s broadcast their indices on the backend's device (the CPU under gloo)"
+    order = (DistributedTrainer.order if DistributedTrainer is not None else 11) + 1  # after it wraps the loaders
+    def before_fit(self): self._fix(*self.dls.loaders)
+    def before_train(self): self._fix(self.learn.dl)
+    def before_validate(self): self._fix(self.learn.dl)
+    def _fix(self, *dls):
+        for dl in dls:
+            if DistributedDL is not None and isinstance(dl, DistributedDL):
+                dl._broadcast = MethodType(_broadcast_indices, dl)  # this loader's; fastai's class keeps its own
 
 # %% ../nbs/03_distributed.ipynb #e02a5531
 def _contiguous_strides(shape:tuple) -> tuple:

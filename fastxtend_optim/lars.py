@@ -16,8 +16,9 @@ from .fused import FusedSpec
 
 # %% auto #0
 __all__ = ['LARS_8BIT', 'LARS_FUSED', 'LARS_CHECKS', 'lars', 'trust_lr', 'lars_local_lr', 'tensor_lr', 'unorm_scale',
-           'lars_damping', 'lars_foreach_step', 'lars_step', 'lars_eightbit_group', 'lars_update', 'lars_scalars',
-           'optional_non_negative', 'boolean', 'check_nesterov', 'Lars', 'larc']
+           'lars_damping', 'keep_local_lr', 'without_local_lr', 'lars_foreach_step', 'lars_step', 'lars_eightbit_group',
+           'lars_update', 'lars_scalars', 'optional_non_negative', 'boolean', 'check_nesterov', 'LarsOptimizer', 'Lars',
+           'larc']
 
 # %% ../nbs/12_lars.ipynb #e423d29c
 def trust_lr(p_norm, g_norm, lr:float, trust_coeff:float, eps:float, wd:float):
@@ -47,11 +48,20 @@ def lars_damping(step:int, mom:float, dampening:float) -> float:
     "The gradient's weight in the momentum buffer: torch's SGD skips dampening on the first step"
     return 1. if step == 1 or mom == 0 else 1. - dampening
 
+# %% ../nbs/12_lars.ipynb #6e2b8d4f
+def keep_local_lr(states:list[dict], local:Tensor):
+    "Each tensor's learning rate, `local` (stacked), into its state as `local_lr`: 0-d fp32 views, no host sync"
+    for state, lr in zip(states, local.unbind()): state['local_lr'] = lr
+
+def without_local_lr(state):
+    "A saved or live `state` without `local_lr` (anything that is not a dict, as it is)"
+    return {k: v for k, v in state.items() if k != 'local_lr'} if isinstance(state, dict) else state
+
 # %% ../nbs/12_lars.ipynb #461de7cc
 def lars_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], lr:float, mom:float,
                       dampening:float, nesterov:bool, trust_coeff:float|None, clip:bool, eps:float, wd:float,
-                      max_unorm:float, step:list[int], **kwargs):
-    "LARS's update on lists of tensors"
+                      max_unorm:float, step:list[int], states:list[dict]|None=None, **kwargs):
+    "LARS's update on lists of tensors; each tensor's learning rate goes to its state in `states` (if given)"
     foreach_mul_(grad_avg, mom)
     damps = [lars_damping(t, mom, dampening) for t in step]
     if all(dm == 1 for dm in damps): torch._foreach_add_(grad_avg, grads)
@@ -61,11 +71,13 @@ def lars_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Ten
     local = lars_local_lr(p_norms, g_norms, lr, trust_coeff, clip, eps, wd)
     if max_unorm > 0: local = local * unorm_scale(d_norms[0], p_norms, max_unorm)
     torch._foreach_addcmul_(params, d, list((-local).unbind()))
+    if states is not None: keep_local_lr(states, local)
 
 # %% ../nbs/12_lars.ipynb #3c0b32e7
 def lars_step(p:Tensor, grad:Tensor, grad_avg:Tensor, step:int, lr:float, mom:float, dampening:float, nesterov:bool,
-              trust_coeff:float|None, clip:bool, eps:float, wd:float, max_unorm:float, **kwargs):
-    "LARS's update of `p` with `grad`, one tensor at a time, its scalars in Python numbers as in fastai's `Larc`"
+              trust_coeff:float|None, clip:bool, eps:float, wd:float, max_unorm:float, **kwargs) -> dict:
+    """LARS's update of `p` with `grad`, one tensor at a time, its scalars in Python numbers as in fastai's `Larc`;
+    returns the learning rate it stepped with as `local_lr` (a 0-d fp32 tensor), for the state"""
     p_norm = whole_norm(p)
     local = tensor_lr(p_norm, whole_norm(grad), lr, trust_coeff, clip, eps, wd)
     grad_avg.mul_(mom).add_(grad, alpha=lars_damping(step, mom, dampening))
@@ -74,6 +86,7 @@ def lars_step(p:Tensor, grad:Tensor, grad_avg:Tensor, step:int, lr:float, mom:fl
         d_norm, limit = whole_norm(d), p_norm * max_unorm
         if d_norm > limit: local *= limit / d_norm
     p.add_(d, alpha=-local)
+    return {'local_lr': torch.tensor(local, dtype=torch.float32, device=p.device)}
 
 lars_step.defaults = dict(mom=0.9, dampening=0., nesterov=False, trust_coeff=0.02, clip=False, eps=1e-8,
                           max_unorm=0.)
@@ -102,6 +115,7 @@ def lars_eightbit_group(spec:EightBitSpec, group, grads:list[Tensor]):
     for p, g, state, lr in zip(params, grads, states, local.tolist()):
         update_tensor(spec, p.data, g, state, lr=lr * mom if nesterov else lr, wd=0., beta1=mom)
         if nesterov: p.data.add_(g, alpha=-lr)
+    keep_local_lr(states, local)
 
 LARS_8BIT = EightBitSpec('momentum', kernel_wd=None, group_step=lars_eightbit_group, fp32_keys=(('grad_avg',),))
 
@@ -113,7 +127,8 @@ def lars_update(p:Tensor, g:Tensor, grad_avg:Tensor, mom:Tensor, damp:Tensor, ne
     return dict(grad_avg=buf, p=p + (g + buf * mom if nesterov else buf) * neg_local)
 
 def lars_scalars(h:dict, group) -> dict:
-    "Each tensor's learning rate from its norms (of the decayed weights and the gradients the update sees)"
+    """Each tensor's learning rate from its norms (of the decayed weights and the gradients the update sees), also
+    kept in its state as `local_lr`"""
     mom, d = h['mom'], []  # the update, whose norms `max_unorm` needs
     damps = [lars_damping(s['step'], mom, h['dampening']) for s in group.states]
     if h['max_unorm'] > 0:
@@ -124,6 +139,7 @@ def lars_scalars(h:dict, group) -> dict:
     p_norms, g_norms, *d_norms = group.norms('p', 'g', *d)  # one reduction
     local = lars_local_lr(p_norms, g_norms, h['lr'], h['trust_coeff'], h['clip'], h['eps'], h['wd'])
     if d: local = local * unorm_scale(d_norms[0], p_norms, h['max_unorm'])
+    keep_local_lr(group.states, local)  # the kernel's per-tensor rates, as they are handed to it
     return dict(mom=mom, damp=torch.tensor(damps), neg_local=-local, nesterov=h['nesterov'])
 
 LARS_FUSED = FusedSpec(lars_update, lars_scalars)
@@ -152,6 +168,26 @@ def _lars_args(foreach, eightbit, fused, hypers, eightbitargs) -> tuple:
     return select_path(foreach, eightbit, fused), eightbit_args(eightbit, LARS_CHECKS, **eightbitargs)
 
 # %% ../nbs/12_lars.ipynb #b2cbc309
+class LarsOptimizer(FXOptimizer):
+    """An `FXOptimizer` that keeps each tensor's learning rate in its state as `local_lr`, as fastai's `Larc` does,
+    on every path; checkpoints leave it out"""
+    def foreach_args(self, group, chunks:list[list[int]]) -> tuple[dict, dict]:
+        "The core's lists, and each tensor's state, where the ForEach step puts `local_lr`"
+        lists, shared = super().foreach_args(group, chunks)
+        return {**lists, 'states': group.states}, shared
+
+    def state_dict(self) -> dict:
+        """The core's, without `local_lr`: each step sets it before anything reads it, and bitsandbytes' state, which
+        an 8-bit checkpoint converts to and from, has no place for it"""
+        sd = super().state_dict()
+        return {**sd, 'state': [without_local_lr(s) for s in sd['state']]}
+
+    def load_state_dict(self, sd:dict):
+        "The core's; a saved `local_lr` (fastai `Larc`'s checkpoints hold one) is left out: the next step sets it"
+        if isinstance(sd, dict) and isinstance(sd.get('state'), (list, tuple)):
+            sd = {**sd, 'state': [without_local_lr(s) for s in sd['state']]}
+        super().load_state_dict(sd)
+
 def Lars(params, lr:float, mom:float=0.9, dampening:float=0., nesterov:bool=False, trust_coeff:float|None=0.02,
          clip:bool=False, eps:float=1e-8, wd:float=0., decouple_wd:bool=True, max_unorm:float=0.,
          foreach:bool|None=None, fused:bool=False, state_bits:int=32,
@@ -162,9 +198,9 @@ def Lars(params, lr:float, mom:float=0.9, dampening:float=0., nesterov:bool=Fals
                   decouple_wd=decouple_wd, max_unorm=max_unorm, percentile_clipping=percentile_clipping, state_bits=state_bits,
                   kahan_sum=kahan_sum, stochastic_round=stochastic_round)
     path, args = _lars_args(foreach, eightbit, fused, hypers, eightbitargs)
-    return FXOptimizer(params, [lars_step], lars_foreach_step, state_keys=('grad_avg',), path=path,
-                       checks=LARS_CHECKS, group_check=check_nesterov, eightbit=LARS_8BIT, eightbit_args=args,
-                       fused=LARS_FUSED, lr=lr, **hypers)
+    return LarsOptimizer(params, [lars_step], lars_foreach_step, state_keys=('grad_avg',), path=path,
+                         checks=LARS_CHECKS, group_check=check_nesterov, eightbit=LARS_8BIT, eightbit_args=args,
+                         fused=LARS_FUSED, lr=lr, **hypers)
 
 lars = opt_partial(Lars)
 

@@ -6,7 +6,7 @@ Docs: https://fastxtend.github.io/fastxtend_optim/schedulefree.html.md"""
 
 # %% ../nbs/26_schedulefree.ipynb #f6e3d9aa
 from __future__ import annotations
-import functools, numbers
+import numbers, sys
 from contextlib import contextmanager
 import torch
 from torch import Tensor
@@ -130,6 +130,20 @@ SCHEDULEFREE_CHECKS = dict(beta1=positive_unit_interval, beta2=unit_interval, ep
                            r=non_negative, weight_lr_power=non_negative, percentile_clipping=percentile_range)
 
 # %% ../nbs/26_schedulefree.ipynb #f93c03ba
+def _calling_learner(depth:int=3) -> Learner|None:
+    "The fastai `Learner` (a method's `self`) in the `depth` frames that called the caller of this (`step`), if any"
+    f = sys._getframe(2)
+    for _ in range(depth):
+        if f is None: return None
+        learn = f.f_locals.get('self')
+        if isinstance(learn, Learner): return learn
+        f = f.f_back
+    return None
+
+def _needs_callback(learn:Learner|None) -> bool:
+    "Whether `learn` is a `Learner` without a `ScheduleFreeCallback`"
+    return learn is not None and not any(isinstance(cb, ScheduleFreeCallback) for cb in learn.cbs)
+
 class ScheduleFreeOptimizer(FXOptimizer):
     "An `FXOptimizer` whose weights hold $y$ in train mode and $x$ in eval mode; per-tensor schedules in the state"
     train_mode = True
@@ -158,6 +172,11 @@ class ScheduleFreeOptimizer(FXOptimizer):
                                     'kahan' if KAHAN_KEY in s else None, [0])  # a 16-bit pair or weight, from fp32 z
 
     def step(self, closure=None):
+        if _needs_callback(_calling_learner()):
+            raise RuntimeError("a fastai Learner is stepping a Schedule-Free optimizer without `ScheduleFreeCallback`: "
+                               "it would train at y but validate, predict and end `fit` at y instead of the average x. "
+                               "Add the callback: `Learner(..., cbs=ScheduleFreeCallback())`, `learn.add_cb("
+                               "ScheduleFreeCallback())` or `learn.fit(n, lr, cbs=ScheduleFreeCallback())`")
         if not self.train_mode:
             raise RuntimeError("the optimizer is in eval mode (the weights hold the evaluation point x): call "
                                "`opt.train()` before `step` (fastai's ScheduleFreeCallback does so before training)")
@@ -224,7 +243,7 @@ def lr_schedulers(learn:Learner) -> list:
     return [cb for cb in learn.cbs if isinstance(cb, ParamScheduler) and not isinstance(cb, LRFinder) and 'lr' in cb.scheds]
 
 class ScheduleFreeCallback(Callback):
-    "Train at $y$; validate, predict, save and export at $x$. Refuses an lr schedule"
+    "Train at $y$; validate, predict and end `fit` at $x$ (save mid-epoch through `x_weights`). Refuses an lr schedule"
     def before_fit(self):  # also fired by `validate` and `get_preds`: it must not move the weights
         if self.learn.opt is None: return
         if not isinstance(self.learn.opt, ScheduleFreeOptimizer):
@@ -242,7 +261,7 @@ class ScheduleFreeCallback(Callback):
 # %% ../nbs/26_schedulefree.ipynb #c3bd5c98
 @contextmanager
 def x_weights(learn:Learner):
-    "Inside, `learn`'s model holds $x$; after, exactly the weights before if the optimizer was in train mode"
+    "Inside, `learn`'s model holds $x$ (to save it); after, exactly the weights before if the optimizer was in train mode"
     opt = getattr(learn, 'opt', None)
     if not isinstance(opt, ScheduleFreeOptimizer) or not opt.train_mode:
         yield
@@ -255,25 +274,3 @@ def x_weights(learn:Learner):
         with torch.no_grad():
             for p, y in zip(params, ys): p.copy_(y)
         learn.opt.train_mode = True  # `export` makes a new optimizer, loaded in eval mode
-
-def _at_x(method):
-    "`Learner.method`, saving the evaluation weights"
-    @functools.wraps(method)
-    def _inner(self, *args, **kwargs):
-        with x_weights(self): return method(self, *args, **kwargs)
-    _inner.schedulefree = True
-    return _inner
-
-def _with_callback(create_opt):
-    "`Learner.create_opt`, adding a `ScheduleFreeCallback` where the optimizer is Schedule-Free and has none"
-    @functools.wraps(create_opt)
-    def _inner(self, *args, **kwargs):
-        res = create_opt(self, *args, **kwargs)
-        if isinstance(self.opt, ScheduleFreeOptimizer) and not any(isinstance(c, ScheduleFreeCallback) for c in self.cbs):
-            self.add_cb(ScheduleFreeCallback())
-        return res
-    _inner.schedulefree = True
-    return _inner
-
-for _name, _wrap in (('save', _at_x), ('export', _at_x), ('create_opt', _with_callback)):
-    if not getattr(getattr(Learner, _name), 'schedulefree', False): setattr(Learner, _name, _wrap(getattr(Learner, _name)))

@@ -120,9 +120,9 @@ def held_weights(opt, params) -> list[torch.Tensor]:
             for p in params]
 
 
-def bf16_gap(make, steps=8) -> tuple[float, float]:
-    """bf16 weights and the same run in fp32 (`make(params)` builds the optimizer, with its default Kahan summation):
-    the mean gap between the weights they hold, and the mean distance the fp32 weights travelled"""
+def bf16_gap(make, steps=8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 weights and the same run in fp32 (`make(params)` builds the optimizer, with its default Kahan summation),
+    per tensor: the mean gap between the weights they hold, the mean distance the fp32 weights travelled, the size"""
     lo, hi = make_params(dtype=torch.bfloat16), make_params()
     for p, q in zip(lo, hi): q.data = p.data.float()
     start = [q.detach().clone() for q in hi]
@@ -130,18 +130,25 @@ def bf16_gap(make, steps=8) -> tuple[float, float]:
     low = run(opt, lo, steps)
     assert all(x.dtype == torch.bfloat16 and x.isfinite().all() for x in low)
     full = run(make(hi), hi, steps)
-    mean_abs = lambda xs: torch.cat([x.flatten() for x in xs]).abs().mean().item()
-    return mean_abs([x - y for x, y in zip(held_weights(opt, lo), full)]), mean_abs([y - s for y, s in zip(full, start)])
+    mean_abs = lambda xs: torch.stack([x.abs().mean() for x in xs]).cpu()
+    return (mean_abs([x - y for x, y in zip(held_weights(opt, lo), full)]), mean_abs([y - s for y, s in zip(full, start)]),
+            torch.tensor([float(s.numel()) for s in start]))
 
 
-def assert_bf16_tracks_fp32(make, steps=8, share=0.02):
-    """bf16 weights with Kahan summation (the default) end within `share` of the fp32 weights' travel. Each step the
-    pair holds the weight within ~2**-17 |w|, and 16-bit state is stochastically rounded (a bf16 ulp of m or v,
-    2**-9 relative, that averages out): measured <= 0.7% after 3 and 8 steps on every optimizer and path; rounded to
-    nearest, bf16 weights miss 9% to 97% of the travel. The travel is real: > 5e-5 on average, 10 times what a pair
-    can miss (|w| < 4)"""
-    gap, travel = bf16_gap(make, steps)
+def assert_bf16_tracks_fp32(make, steps=8, share=0.02, tensor_share=0.3):
+    """bf16 weights with Kahan summation (the default) end within `share` of the fp32 weights' travel, on average over
+    all weights, and within `tensor_share` of it in each tensor. Each step the pair holds the weight within ~2**-17 |w|,
+    and 16-bit state is stochastically rounded (a bf16 ulp of m or v, 2**-9 relative, that averages out). Measured on
+    every optimizer and path (3, 6, 8 and 12 steps): <= 0.40% over all weights (5 times below `share`), <= 8.7% in one
+    tensor (the 10-element one, RMSProp and Adagrad; 3.4 times below `tensor_share`); rounded to nearest, bf16 weights
+    miss 9% to 97% of the travel. Weights that never move miss all of it: a whole run that does not step (its travel
+    is 0), a bf16 run that does not, or one tensor that does not (which the average alone would hide: the 10-element
+    tensor is 0.1% of the weights). The travel is real: > 5e-5 on average (measured >= 1.0e-4) and > 1e-5 in each
+    tensor (measured >= 4.4e-5), against ~6e-6 that a pair can miss at the weights' mean |w| of 0.8"""
+    gaps, travels, sizes = bf16_gap(make, steps)
+    gap, travel = (gaps * sizes).sum() / sizes.sum(), (travels * sizes).sum() / sizes.sum()
     assert travel > 5e-5 and gap <= share * travel, (gap, travel)
+    assert (travels > 1e-5).all() and (gaps <= tensor_share * travels).all(), (gaps / travels, travels)
 
 
 def lockstep_absmax(eight, full, a, b, steps):

@@ -289,7 +289,7 @@ def one_process_order(items:list) -> list:
 
 def digits_learner_for(name:str, path:str, distributed:bool, **extra):
     from fastai.basics import Learner, DataLoaders, DataLoader, CrossEntropyLossFlat
-    import fastxtend_optim.distributed  # Learner.distrib_ctx, and DistributedDL on the CPU
+    from fastxtend_optim.distributed import BackendBroadcast  # fastai.distributed's Learner.distrib_ctx comes with it
     from fastxtend_optim.demo import body_head_splitter
     items = digits_items()
     if not distributed: items = one_process_order(items)
@@ -300,6 +300,7 @@ def digits_learner_for(name:str, path:str, distributed:bool, **extra):
     spec, kw = OPTIMIZERS[name], dict({**PATH_KW, **LOWBIT_KW}[path], **extra)
     kw.pop('min_8bit_size', None)
     cbs = (spec['cbs']() if 'cbs' in spec else []) + ([AllLowBit()] if 'state_bits' in kw else [])
+    if distributed: cbs.append(BackendBroadcast())  # fastai's DistributedDL broadcasts on CUDA; gloo runs on the CPU
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=spec['partial'](**kw), splitter=body_head_splitter,
                    cbs=cbs), spec
 

@@ -1,11 +1,15 @@
 "LARS/LARC against fastai's Larc, torch's SGD and bitsandbytes, across paths and checkpoints."
+import warnings
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import bitsandbytes.optim as bnb_optim
 import fastai.optimizer as fastai_optim
 from fastxtend_optim import core
 from fastxtend_optim.lars import Lars, _buffer
-from conftest import lockstep_absmax, make_params, run, assert_close_lists, fx_groups, torch_groups, LRS, PATH_KWARGS
+from fastxtend_optim.distributed import sharded_state_dict, load_sharded_state_dict
+from conftest import (lockstep_absmax, make_params, set_grads, run, assert_close_lists, fx_groups, torch_groups, roundtrip,
+                      LRS, PATH_KWARGS)
 
 TRUST = 0.5  # large enough that 100 steps move the weights far from where they started
 
@@ -117,3 +121,127 @@ def test_zero_norms_fall_back_to_lr(path):
     w.grad = torch.zeros(4)
     opt.step()  # |g| = 0: lr times the momentum left in the buffer, 0.9 * 1
     torch.testing.assert_close(w.detach(), torch.full((4,), 1 - 0.002 - 0.1 * 0.9))
+
+
+# `local_lr`: each tensor's learning rate in its state, fastai `Larc`'s key, on every path
+
+LOCAL_LR_PATHS = {'native': {}, 'foreach': {}, 'fused': {}, 'eightbit32': dict(optim_bits=32), 'eightbit': {}}
+
+
+def fx_path(params, path, **kwargs):
+    "`fx_lars` on `path`, where 'eightbit32' is the 8-bit path with bitsandbytes' exact 32-bit state"
+    return fx_lars(params, path.removesuffix('32'), **LOCAL_LR_PATHS[path], **kwargs)
+
+
+def assert_holds_local_lr(opt, params):
+    "Every tensor's state holds `local_lr`, a 0-d fp32 tensor on the tensor's device"
+    for p in params:
+        lr = opt.state[p]['local_lr']
+        assert isinstance(lr, torch.Tensor) and lr.ndim == 0 and lr.dtype == torch.float32 and lr.device == p.device
+
+
+@pytest.mark.parametrize('path', ['native', 'foreach', 'fused', 'eightbit32'])
+@pytest.mark.parametrize('kwargs', [dict(clip=True, trust_coeff=1., wd=0.01),
+                                    dict(clip=False, wd=0.01, decouple_wd=False)])
+def test_local_lr_matches_fastai_larc(path, kwargs):
+    """Step by step, each tensor's `local_lr` is fastai `Larc`'s, to fp32 rounding. `trust_coeff=1` with the clip caps
+    some tensors on some steps (fastai then stores the float `lr`) and not others; the second case is L2 decay.
+    Measured over 5 steps: ForEach and 32-bit 8-bit bitwise, native 1.4e-7 relative (its ratio in Python floats,
+    fastai's in fp32: a few roundings of 2**-24), fused 3.6e-7 (its norms summed row by row); the clip 4.8e-8 (fp32
+    `lr`). 2e-6 is 5 times the largest; a wrong formula (a norm before decay, L2 left out of |g|) moves it by 1e-3 or
+    more, the clip by up to 100%"""
+    ours, ref = make_params(), make_params()
+    opt = fx_path(ours, path, **kwargs)
+    larc = fx_groups(fastai_optim.Larc, ref, None, **{'trust_coeff': TRUST, **kwargs})
+    capped = 0
+    for i in range(5):
+        run(opt, ours, 1, start=i)
+        run(larc, ref, 1, start=i)
+        assert_holds_local_lr(opt, ours)
+        for p, q in zip(ours, ref):
+            got, want = opt.state[p]['local_lr'].item(), larc.state[q]['local_lr']
+            capped += isinstance(want, float)
+            assert abs(got - float(want)) <= 2e-6 * float(want), (i, tuple(p.shape), got, float(want))
+    assert opt.path == path.removesuffix('32')
+    assert (0 < capped < 30) if kwargs['clip'] else capped == 0  # both of fastai's cases were compared
+
+
+@pytest.mark.parametrize('path', list(LOCAL_LR_PATHS))
+@pytest.mark.parametrize('kwargs', [dict(), dict(clip=True, max_unorm=0.01, nesterov=True)])
+def test_local_lr_is_the_rate_each_tensor_stepped_with(path, kwargs):
+    """After one step (the buffer is the gradient), each weight moved by `local_lr` times its update: the gradient,
+    or 1.9 times it with Nesterov, where `max_unorm` scales it down and `local_lr` holds that factor too. 8-bit state
+    quantizes nothing on the first step's update. The bound is fp32 rounding: the new weight rounds by half an ulp
+    (2**-24 |p|; twice with 8-bit Nesterov, whose -lr*g is a second add), the step itself by a few 2**-24 of it. The
+    steps are 1e-4 to 1e-3, the rounding below 5e-7: a rate off by 1% is 10 times the bound"""
+    ps = make_params()
+    opt = fx_path(ps, path, wd=0., **kwargs)
+    start = [p.detach().clone() for p in ps]
+    run(opt, ps, 1)
+    assert_holds_local_lr(opt, ps)
+    scale, eps = 1.9 if kwargs.get('nesterov') else 1., torch.finfo(torch.float32).eps
+    for p, p0 in zip(ps, start):
+        step = opt.state[p]['local_lr'] * scale * p.grad
+        assert ((p0 - p.detach() - step).abs() <= eps * (p0.abs() + step.abs())).all(), tuple(p.shape)
+    for p, p0, lr in zip(ps, start, [LRS[0]] * 3 + [LRS[1]] * 3):  # and it is the rate LARS's formula gives
+        trusted = lr * TRUST * p0.norm() / p.grad.norm()
+        if kwargs.get('clip'): trusted = trusted.clamp(max=lr)
+        if kwargs.get('max_unorm'): trusted = trusted * (0.01 * p0.norm() / (scale * p.grad).norm()).clamp(max=1)
+        torch.testing.assert_close(opt.state[p]['local_lr'], trusted, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize('path', list(PATH_KWARGS))
+def test_bf16_weights_keep_local_lr(path):
+    "16-bit weights step as fp32 working copies off the fused path: `local_lr` still reaches their states"
+    ps = make_params(dtype=torch.bfloat16)
+    opt = fx_lars(ps, path)
+    run(opt, ps, 2)
+    assert_holds_local_lr(opt, ps)
+
+
+def test_local_lr_stays_off_checkpoints_and_they_move_between_paths():
+    """`state_dict` leaves `local_lr` out (bitsandbytes' state has no place for it), so a checkpoint moves around
+    every path, 8-bit included, and the next step sets it again; a checkpoint that holds it (fastai `Larc`'s do) loads
+    on every path, 8-bit included, without it"""
+    ps = make_params()
+    order = ['native', 'foreach', 'fused', 'eightbit', 'native']
+    opt = fx_lars(ps, order[0])
+    run(opt, ps, 2)
+    for i, path in enumerate(order[1:], 1):
+        sd = opt.state_dict()
+        assert all('local_lr' not in s for s in sd['state']) and all('local_lr' in opt.state[p] for p in ps)
+        opt = fx_lars(ps, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # the 8-bit conversions' one warning: test_convert's
+            opt.load_state_dict(roundtrip(sd))
+        assert all('local_lr' not in opt.state[p] for p in ps)
+        run(opt, ps, 1, start=2 + i)
+        assert_holds_local_lr(opt, ps)
+    held = roundtrip(opt.state_dict())
+    for st in held['state']: st['local_lr'] = torch.tensor(0.1)  # saved with it, as fastai's checkpoints are
+    for path in PATH_KWARGS:
+        opt = fx_lars(ps, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            opt.load_state_dict(held)
+        assert all('local_lr' not in opt.state[p] for p in ps)
+        run(opt, ps, 1, start=9)
+        assert_holds_local_lr(opt, ps)
+
+
+@pytest.mark.parametrize('path', list(PATH_KWARGS))
+def test_sharded_state_dict_with_local_lr(path, tmp_path):
+    "`sharded_state_dict` (which converts 8-bit state) takes a stepped LARS on every path and round-trips bitwise"
+    ps = make_params()
+    opt = fx_lars(ps, path)
+    run(opt, ps, 2)
+    dcp.save({'optim': sharded_state_dict(opt)}, checkpoint_id=tmp_path, no_dist=True)
+    fresh = fx_lars(ps, path)
+    load_sharded_state_dict(fresh, tmp_path)
+    for p in ps:
+        a, b = without(opt.state[p]), fresh.state[p]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+def without(state:dict, key:str='local_lr') -> dict: return {k: v for k, v in state.items() if k != key}

@@ -174,10 +174,12 @@ def learner_accuracy(make, name, dtype, lrs, default_lr=3e-4, **kw) -> float:
     from functools import partial
     from fastxtend_optim.lowprec import CastInputs
     from fastxtend_optim.sophia import SophiaCallback
+    from fastxtend_optim.schedulefree import ScheduleFreeCallback
     from test_common import OPTIMIZERS
     learn = make(partial(OPTIMIZERS[name], foreach=True, **kw))
     if dtype != torch.float32: learn.add_cb(CastInputs())
     if name == 'sophia': learn.add_cb(SophiaCallback(seed=0))
+    if name == 'schedulefree_adamw': learn.add_cb(ScheduleFreeCallback())
     learn.model.to(dtype)
     lr = lrs.get(name, default_lr)
     with learn.no_bar(), learn.no_logging():

@@ -6,6 +6,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientClip, GradientAccumulation
 from fastxtend_optim.release import GradientRelease
+from fastxtend_optim.schedulefree import ScheduleFreeCallback
 from fastxtend_optim.demo import digits_learner, digits_dls
 from conftest import PATH_KWARGS
 from test_common import OPTIMIZERS, CASES
@@ -28,6 +29,7 @@ class NoGradsLeft(Callback):
 
 def learner(name, path, release, cbs=(), **kw):
     extra = [GradientRelease(), NoGradsLeft()] if release else []
+    if name == 'schedulefree_adamw': extra.append(ScheduleFreeCallback())  # a Learner needs it with Schedule-Free
     return digits_learner(partial(OPTIMIZERS[name], **PATH_KWARGS[path], **kw), dls=DLS, cbs=[*extra, *cbs])
 
 

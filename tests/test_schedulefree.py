@@ -4,7 +4,8 @@ import torch
 import schedulefree
 from fastai.learner import load_learner
 from fastai.callback.core import Callback
-from fastxtend_optim.schedulefree import ScheduleFreeAdamW, schedulefree_adamw, ScheduleFreeCallback
+from fastai.callback.tracker import SaveModelCallback
+from fastxtend_optim.schedulefree import ScheduleFreeAdamW, schedulefree_adamw, ScheduleFreeCallback, x_weights
 from fastxtend_optim.demo import digits_dls, digits_learner, PATH_FUNCS
 from conftest import (assert_matches_reference, make_params, set_grads, run, gappy_run, roundtrip, assert_close_lists,
                       fx_groups, torch_groups, LRS)
@@ -161,7 +162,7 @@ def dls(): return digits_dls()
 
 
 class Probe(Callback):
-    "Checks that validation sees x; saves once in the middle of epoch 1 (train mode) and checks the file holds x"
+    "Checks that validation sees x; saves once mid-epoch 1 (train mode, through `x_weights`): the file holds x"
     order = ScheduleFreeCallback.order + 1
     def __init__(self, save=False): self.save, self.checked = save, 0
     def _x(self): return x_of(list(self.learn.model.parameters()), self.learn.opt)
@@ -173,7 +174,7 @@ class Probe(Callback):
     def after_batch(self):
         if not (self.save and self.training and self.epoch == 1 and self.iter == 5): return
         x, y = self._x(), [p.detach().clone() for p in self.learn.model.parameters()]
-        self.learn.save('mid')
+        with x_weights(self.learn): self.learn.save('mid')
         saved = torch.load(self.learn.path / self.learn.model_dir / 'mid.pth', weights_only=True)
         assert_close_lists([saved['model'][k] for k, _ in self.learn.model.named_parameters()], x, atol=0.)
         assert saved['opt']['train_mode'] is False
@@ -191,23 +192,23 @@ def weights(learn): return [p.detach().clone() for p in learn.model.parameters()
 
 @pytest.mark.parametrize('path', PATHS)
 def test_learner_trains_validates_saves_and_resumes_at_x(dls, path, tmp_path):
-    """Through the callback (added by itself): accuracy > 0.9 after 2 epochs (fastai's Adam reaches ~0.95 at 3e-3);
+    """Through the callback: accuracy > 0.9 after 2 epochs (fastai's Adam reaches ~0.95 at 3e-3);
     validation runs at x; a save mid-epoch writes x and training goes on bitwise as without it; a checkpoint saved
     after `fit` (eval mode) loaded into a new Learner continues bitwise as the Learner that kept going"""
     opt_func = schedulefree_adamw(**SF_KW, **PATH_FUNCS[path])
-    plain = digits_learner(opt_func, dls, path=tmp_path)
+    plain = digits_learner(opt_func, dls, path=tmp_path, cbs=ScheduleFreeCallback())
     fit(plain, EPOCHS)
     after2, rng = weights(plain), dls.train.rng.getstate()
     fit(plain, 1)
     probe = Probe(save=True)
-    saving = digits_learner(opt_func, dls, path=tmp_path, cbs=probe)
+    saving = digits_learner(opt_func, dls, path=tmp_path, cbs=[ScheduleFreeCallback(), probe])
     fit(saving, EPOCHS)
     assert probe.checked == EPOCHS + 10 and saving.opt.path == path
     assert sum(isinstance(c, ScheduleFreeCallback) for c in saving.cbs) == 1
     assert_close_lists(weights(saving), after2, atol=0.)
     with saving.no_bar(): assert float(saving.validate()[1]) > 0.9
     saving.save('end')
-    resumed = digits_learner(opt_func, dls, path=tmp_path)
+    resumed = digits_learner(opt_func, dls, path=tmp_path, cbs=ScheduleFreeCallback())
     resumed.load('end')
     assert resumed.opt.train_mode is False
     dls.train.rng.setstate(rng)
@@ -216,7 +217,7 @@ def test_learner_trains_validates_saves_and_resumes_at_x(dls, path, tmp_path):
 
 
 def test_fit_one_cycle_refused_and_flat_fit_allowed(dls):
-    learn = digits_learner(schedulefree_adamw(), dls)
+    learn = digits_learner(schedulefree_adamw(), dls, cbs=ScheduleFreeCallback())
     before = weights(learn)
     with pytest.raises(ValueError, match='fit_one_cycle'):
         with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, LR)
@@ -226,14 +227,14 @@ def test_fit_one_cycle_refused_and_flat_fit_allowed(dls):
 
 
 def test_export_and_get_preds_use_x(dls, tmp_path):
-    "In train mode, export writes x and puts y back exactly; get_preds predicts at x"
-    learn = digits_learner(schedulefree_adamw(**SF_KW), dls, path=tmp_path)
+    "In train mode, export through `x_weights` writes x and puts y back exactly; get_preds predicts at x"
+    learn = digits_learner(schedulefree_adamw(**SF_KW), dls, path=tmp_path, cbs=ScheduleFreeCallback())
     fit(learn, 1)
     learn.opt.train()
     y = weights(learn)
     x = x_of(list(learn.model.parameters()), learn.opt)
     learn.dls.new_empty = lambda: dls  # the digits' plain-list datasets have no empty copy; export pickles them
-    learn.export('sf.pkl')
+    with x_weights(learn): learn.export('sf.pkl')
     del learn.dls.new_empty
     assert_close_lists(weights(learn), y, atol=0.)
     assert learn.opt.train_mode
@@ -245,3 +246,28 @@ def test_export_and_get_preds_use_x(dls, tmp_path):
     learn.model.eval()
     with torch.no_grad(): expected = torch.softmax(learn.model(dls.valid.dataset[0][0][None]), -1)
     torch.testing.assert_close(preds[0], expected[0], atol=1e-6, rtol=0.)
+
+
+@pytest.mark.parametrize('path', PATHS)
+def test_a_learner_without_the_callback_is_refused_at_its_first_step(dls, path):
+    """Nothing adds the callback: `fit` without it raises at the first step, before the weights or the state move;
+    the callback for one `fit` (`fit(cbs=...)`) trains and ends at x"""
+    learn = digits_learner(schedulefree_adamw(**SF_KW, **PATH_FUNCS[path]), dls)
+    assert not any(isinstance(c, ScheduleFreeCallback) for c in learn.cbs)
+    before = weights(learn)
+    with pytest.raises(RuntimeError, match=r'without `ScheduleFreeCallback`.*cbs=ScheduleFreeCallback\(\)'): fit(learn, 1)
+    assert_close_lists(weights(learn), before, atol=0.)
+    assert all('step' not in learn.opt.state[p] for p in learn.model.parameters())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, LR, cbs=ScheduleFreeCallback())
+    assert learn.opt.train_mode is False and not any(isinstance(c, ScheduleFreeCallback) for c in learn.cbs)
+    with pytest.raises(RuntimeError, match='without `ScheduleFreeCallback`'): fit(learn, 1)
+
+
+def test_save_model_callback_saves_x(dls, tmp_path):
+    "fastai's SaveModelCallback saves after validation, where the model holds x: no `x_weights` needed"
+    learn = digits_learner(schedulefree_adamw(**SF_KW), dls, path=tmp_path,
+                           cbs=[ScheduleFreeCallback(), SaveModelCallback(every_epoch=True, fname='sf')])
+    fit(learn, 1)
+    saved = torch.load(tmp_path / learn.model_dir / 'sf_0.pth', weights_only=True)
+    assert learn.opt.train_mode is False  # after `fit`, x: the point the epoch's validation moved to
+    assert_close_lists([saved[k] for k, _ in learn.model.named_parameters()], weights(learn), atol=0.)
