@@ -14,7 +14,7 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, LRFinder
 from .core import (FXOptimizer, local_tensor, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  foreach_chunks, init_state, foreach_mul_)
+                                  foreach_mul_)
 from .eightbit import no_eightbit
 from .fused import FusedSpec
 from .lowprec import KAHAN_KEY, working_weights, store_weights
@@ -148,6 +148,7 @@ class ScheduleFreeOptimizer(FXOptimizer):
     "An `FXOptimizer` whose weights hold $y$ in train mode and $x$ in eval mode; per-tensor schedules in the state"
     train_mode = True
     weight_state = ('z',)  # a weight sequence: fp32 beside 16-bit weights that round (bf16 would lose its small steps)
+    state_init = {'z': lambda p: p.detach().clone()}  # z starts at the weights
 
     @torch.no_grad()
     def eval(self):
@@ -182,32 +183,16 @@ class ScheduleFreeOptimizer(FXOptimizer):
                                "`opt.train()` before `step` (fastai's ScheduleFreeCallback does so before training)")
         return super().step(closure)
 
-    def _advance(self, group):
-        "Create `z` for new tensors and advance each tensor's schedule, once per group and step"
-        if getattr(group, 'sf_advanced', False): return
-        init_state(group, 'z', lambda p: p.detach().clone())
+    def prepare_group(self, group):
+        "Advance each tensor's schedule (`lr_max`, `weight_sum`), once per group and step, before any path"
         for s in group.states: sf_advance_(s, **group.hyper)
-        group.sf_advanced = True
 
-    def _native_step(self, group, grads):
-        self._advance(group)
-        super()._native_step(group, grads)
-
-    def _foreach_step(self, group, grads):
-        self._advance(group)
-        state = {k: init_state(group, k) for k in self.state_keys}
-        state.update({k: [s[k] for s in group.states] for k in ('step', 'lr_max', 'weight_sum')})
-        chunks = foreach_chunks(group.params)
+    def foreach_args(self, group, chunks) -> tuple[dict, dict]:
+        "The core's lists with each tensor's schedule, and two scratch buffers that every chunk reuses (no page faults)"
+        lists, shared = super().foreach_args(group, chunks)
+        lists.update({k: [s[k] for s in group.states] for k in ('lr_max', 'weight_sum')})
         size = max(sum(group.params[i].numel() for i in idx) for idx in chunks)
-        scratch = [group.params[0].new_empty(size) for _ in range(2)]  # reused by every chunk: no page faults
-        for idx in chunks:
-            pick = lambda xs: [xs[i] for i in idx]
-            self.foreach_step(pick(group.params), pick(grads), **{k: pick(v) for k, v in state.items()},
-                              scratch=scratch, **self.step_hypers(group))
-
-    def _fused_step(self, group, scales) -> bool:
-        self._advance(group)
-        return super()._fused_step(group, scales)
+        return lists, {**shared, 'scratch': [group.params[0].new_empty(size) for _ in range(2)]}
 
     def state_dict(self) -> dict:
         "State, hypers and the mode (`train_mode`), loadable with `torch.load(weights_only=True)`"
