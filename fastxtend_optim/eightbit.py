@@ -166,7 +166,7 @@ def _warn_unpaged(opt):
     opt._warned_unpaged = True
 
 # %% ../nbs/01_eightbit.ipynb #c0a7e8d2
-STATE_CARRIED = ('step', 'do_wd', 'force_train', 'gnorm_hist', 'gnorm_count', 'slow_p', KAHAN_KEY)  # any path's: kept as they are
+STATE_CARRIED = ('step', 'do_wd', 'force_train', 'gnorm_hist', 'gnorm_count', 'slow_p', 'local_lr', KAHAN_KEY)  # any path's: kept as they are
 QUANTIZER_SLACK = 2**-15  # the CPU quantizer's lookup does not resolve codes closer than this (see the bound below)
 
 class PathConversionWarning(UserWarning):

@@ -16,9 +16,8 @@ from .fused import FusedSpec
 
 # %% auto #0
 __all__ = ['LARS_8BIT', 'LARS_FUSED', 'LARS_CHECKS', 'lars', 'trust_lr', 'lars_local_lr', 'tensor_lr', 'unorm_scale',
-           'lars_damping', 'keep_local_lr', 'without_local_lr', 'lars_foreach_step', 'lars_step', 'lars_eightbit_group',
-           'lars_update', 'lars_scalars', 'optional_non_negative', 'boolean', 'check_nesterov', 'LarsOptimizer', 'Lars',
-           'larc']
+           'lars_damping', 'keep_local_lr', 'lars_foreach_step', 'lars_step', 'lars_eightbit_group', 'lars_update',
+           'lars_scalars', 'optional_non_negative', 'boolean', 'check_nesterov', 'LarsOptimizer', 'Lars', 'larc']
 
 # %% ../nbs/12_lars.ipynb #e423d29c
 def trust_lr(p_norm, g_norm, lr:float, trust_coeff:float, eps:float, wd:float):
@@ -52,10 +51,6 @@ def lars_damping(step:int, mom:float, dampening:float) -> float:
 def keep_local_lr(states:list[dict], local:Tensor):
     "Each tensor's learning rate, `local` (stacked), into its state as `local_lr`: 0-d fp32 views, no host sync"
     for state, lr in zip(states, local.unbind()): state['local_lr'] = lr
-
-def without_local_lr(state):
-    "A saved or live `state` without `local_lr` (anything that is not a dict, as it is)"
-    return {k: v for k, v in state.items() if k != 'local_lr'} if isinstance(state, dict) else state
 
 # %% ../nbs/12_lars.ipynb #461de7cc
 def lars_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], lr:float, mom:float,
@@ -170,23 +165,11 @@ def _lars_args(foreach, eightbit, fused, hypers, eightbitargs) -> tuple:
 # %% ../nbs/12_lars.ipynb #b2cbc309
 class LarsOptimizer(FXOptimizer):
     """An `FXOptimizer` that keeps each tensor's learning rate in its state as `local_lr`, as fastai's `Larc` does,
-    on every path; checkpoints leave it out"""
+    on every path; checkpoints keep it, and it moves between paths with the rest"""
     def foreach_args(self, group, chunks:list[list[int]]) -> tuple[dict, dict]:
         "The core's lists, and each tensor's state, where the ForEach step puts `local_lr`"
         lists, shared = super().foreach_args(group, chunks)
         return {**lists, 'states': group.states}, shared
-
-    def state_dict(self) -> dict:
-        """The core's, without `local_lr`: each step sets it before anything reads it, and bitsandbytes' state, which
-        an 8-bit checkpoint converts to and from, has no place for it"""
-        sd = super().state_dict()
-        return {**sd, 'state': [without_local_lr(s) for s in sd['state']]}
-
-    def load_state_dict(self, sd:dict):
-        "The core's; a saved `local_lr` (fastai `Larc`'s checkpoints hold one) is left out: the next step sets it"
-        if isinstance(sd, dict) and isinstance(sd.get('state'), (list, tuple)):
-            sd = {**sd, 'state': [without_local_lr(s) for s in sd['state']]}
-        super().load_state_dict(sd)
 
 def Lars(params, lr:float, mom:float=0.9, dampening:float=0., nesterov:bool=False, trust_coeff:float|None=0.02,
          clip:bool=False, eps:float=1e-8, wd:float=0., decouple_wd:bool=True, max_unorm:float=0.,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import bitsandbytes.optim as bnb_optim
-from fastxtend_optim import core
+from fastxtend_optim import core, base
 from fastxtend_optim.ademamix import AdEMAMix, ademamix
 from conftest import make_params, run, assert_close_lists, fx_groups, torch_groups, PATH_KWARGS
 from test_fused import messy_run
@@ -54,7 +54,7 @@ def paper(params, decouple_wd=True, **kw):
 @pytest.mark.parametrize('kw', [dict(), dict(decouple_wd=False, **SCHED)])
 def test_matches_the_paper_loop(path, kw, monkeypatch):
     "Two groups, do_wd=False tensors, 60 steps, both decay modes, schedules; the 8-bit path with 32-bit state"
-    monkeypatch.setattr(core, 'FOREACH_CPU_CHUNK', 1000)
+    monkeypatch.setattr(base, 'FOREACH_CPU_CHUNK', 1000)
     ours, ref = make_params(), make_params()
     start = [p.detach().clone() for p in ours]
     got = run(fx_ade(ours, path, **kw, **(dict(optim_bits=32) if path == 'eightbit' else {})), ours, 60)

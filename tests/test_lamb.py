@@ -3,7 +3,7 @@ import pytest
 import torch
 import fastai.optimizer as fastai_optim
 from fastai.optimizer import debias
-from fastxtend_optim import core
+from fastxtend_optim import core, base
 from fastxtend_optim.lamb import Lamb, lamb, lamb_direction, _moment
 from conftest import lockstep_absmax, make_params, run, assert_close_lists, fx_groups, LRS, PATH_KWARGS
 from test_fused import messy_run
@@ -19,7 +19,7 @@ def fx_lamb(params, path, **kwargs):
 @pytest.mark.parametrize('decouple_wd', [True, False])
 def test_matches_fastai_lamb(path, decouple_wd, monkeypatch):
     "Two groups, do_wd=False tensors, 60 steps; the 8-bit path with 32-bit state (the same math in the kernel)"
-    monkeypatch.setattr(core, 'FOREACH_CPU_CHUNK', 1000)  # chunk boundaries inside the groups too
+    monkeypatch.setattr(base, 'FOREACH_CPU_CHUNK', 1000)  # chunk boundaries inside the groups too
     ours, ref = make_params(), make_params()
     start = [p.detach().clone() for p in ours]
     extra = dict(optim_bits=32) if path == 'eightbit' else {}

@@ -4,7 +4,7 @@ from fastxtend_optim.eightbit import PathConversionWarning
 import torch
 import bitsandbytes.optim as bnb_optim
 import lion_pytorch
-from fastxtend_optim import core
+from fastxtend_optim import core, base
 from fastxtend_optim.lion import Lion
 from conftest import (make_params, set_grads, run, roundtrip, assert_close_lists, fx_groups, torch_groups,
                       assert_matches_reference,
@@ -28,8 +28,8 @@ def test_native_and_foreach_agree_over_100_steps():
 
 def test_foreach_chunks_change_nothing(monkeypatch):
     "Chunk boundaries inside a group (1000 elements: most tensors alone, two small ones together) give the same result"
-    monkeypatch.setattr(core, 'FOREACH_CPU_CHUNK', 1000)
-    assert core.foreach_chunks(make_params()[3:]) == [[0], [1, 2]]
+    monkeypatch.setattr(base, 'FOREACH_CPU_CHUNK', 1000)
+    assert base.foreach_chunks(make_params()[3:]) == [[0], [1, 2]]
     a, b = make_params(), make_params()
     assert_close_lists(run(fx_lion(a, 'native'), a, 30), run(fx_lion(b, 'foreach'), b, 30), atol=1e-6)
 

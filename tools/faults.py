@@ -30,7 +30,7 @@ FAULTS = {
         "step_size=-h['lr'] * torch.ones_like(steps)", ('tests/test_adam.py',)),
     'lion-update-from-momentum-only': Fault('fastxtend_optim/lion.py', 'update = torch.lerp(grad, grad_avg, beta1).sign_()',
                                             'update = grad_avg.sign()', ('tests/test_lion.py',)),
-    'decoupled-decay-grows-weights': Fault('fastxtend_optim/core.py', 'foreach_mul_(params, 1 - lr*wd)',
+    'decoupled-decay-grows-weights': Fault('fastxtend_optim/base.py', 'foreach_mul_(params, 1 - lr*wd)',
                                            'foreach_mul_(params, 1 + lr*wd)', ('tests/test_adam.py',)),
     'fused-falls-back-to-foreach': Fault(
         'fastxtend_optim/fused.py', 'if fused_unavailable(device) is not None and not eager: return False',
