@@ -12,6 +12,7 @@ from .core import opt_partial, FXOptimizer, check_hypers, select_path, non_negat
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec
 from .lars import boolean
+from .declare import declare
 
 # %% auto #0
 __all__ = ['ADAGRAD_FUSED', 'ADAGRAD_8BIT', 'ADAGRAD_CHECKS', 'adagrad', 'adagrad_lr', 'adagrad_step', 'adagrad_foreach_step',
@@ -29,8 +30,6 @@ def adagrad_step(p:Tensor, grad:Tensor, sqr_sum:Tensor, step:int, lr:float, eps:
     if step == 1 and initial_accumulator_value: sqr_sum.add_(initial_accumulator_value)
     sqr_sum.addcmul_(grad, grad)
     p.addcdiv_(grad, sqr_sum.sqrt().add_(eps), value=-adagrad_lr(lr, lr_decay, step))
-
-adagrad_step.defaults = dict(eps=1e-10, lr_decay=0., initial_accumulator_value=0.)
 
 # %% ../nbs/15_adagrad.ipynb #d41303c4
 def adagrad_foreach_step(params:list[Tensor], grads:list[Tensor], sqr_sum:list[Tensor], step:list[int], lr:float,
@@ -83,22 +82,10 @@ ADAGRAD_8BIT = EightBitSpec('adagrad', kernel_wd=None, group_step=adagrad_eightb
 ADAGRAD_CHECKS = dict(eps=non_negative, lr_decay=non_negative, initial_accumulator_value=non_negative,
                       decouple_wd=boolean, percentile_clipping=percentile_range)
 
-def _adagrad_args(hypers:dict, foreach, eightbit, fused, eightbitargs) -> tuple:
-    "Check the hypers; the path and 8-bit options"
-    check_hypers(ADAGRAD_CHECKS, **hypers)
-    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, ADAGRAD_CHECKS, **eightbitargs)
-
+@declare(steppers=[adagrad_step], foreach=adagrad_foreach_step, state_keys=('sqr_sum',), checks=ADAGRAD_CHECKS,
+         fused=ADAGRAD_FUSED, eightbit=ADAGRAD_8BIT)
 def Adagrad(params, lr:float, eps:float=1e-10, wd:float=0., decouple_wd:bool=False, lr_decay:float=0.,
-            initial_accumulator_value:float=0., foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-            kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
-            percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
+            initial_accumulator_value:float=0.) -> FXOptimizer:
     "A fastai `Optimizer` for Adagrad on the native, ForEach, fused or bitsandbytes path"
-    hypers = dict(eps=eps, wd=wd, decouple_wd=decouple_wd, lr_decay=lr_decay,
-                  initial_accumulator_value=initial_accumulator_value, percentile_clipping=percentile_clipping, state_bits=state_bits,
-                  kahan_sum=kahan_sum, stochastic_round=stochastic_round)
-    path, args = _adagrad_args(hypers, foreach, eightbit, fused, eightbitargs)
-    return FXOptimizer(params, [adagrad_step], adagrad_foreach_step, state_keys=('sqr_sum',), path=path,
-                       checks=ADAGRAD_CHECKS, eightbit=ADAGRAD_8BIT, eightbit_args=args, fused=ADAGRAD_FUSED, lr=lr,
-                       **hypers)
 
 adagrad = opt_partial(Adagrad)

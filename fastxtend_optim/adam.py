@@ -15,10 +15,11 @@ from .core import (opt_partial, FXOptimizer, select_path, unit_interval, non_neg
                                   boolean, cautious_, cautious_foreach_, check_cautious, foreach_mul_)
 from .eightbit import EightBitSpec, eightbit_args
 from .fused import FusedSpec, uncautious
+from .declare import declare
 
 # %% auto #0
 __all__ = ['ADAM_8BIT', 'ADAM_FUSED', 'ADAM_CHECKS', 'adam', 'adam_step', 'adam_foreach_step', 'adam_kernel_hypers',
-           'adam_update', 'adam_scalars', 'Adam']
+           'adam_update', 'adam_scalars', 'adam_shape', 'refuse_amsgrad', 'Adam']
 
 # %% ../nbs/11_adam.ipynb #5cd0d215
 def adam_step(p:Tensor, grad:Tensor, lr:float, mom:float, sqr_mom:float, eps:float, step:int, grad_avg:Tensor,
@@ -31,8 +32,6 @@ def adam_step(p:Tensor, grad:Tensor, lr:float, mom:float, sqr_mom:float, eps:flo
     denom = (sqr_avg / debias2).sqrt() + eps
     if cautious: p.add_(cautious_(grad_avg / denom, grad), alpha=-lr / debias1)
     else: p.addcdiv_(grad_avg, denom, value=-lr / debias1)
-
-adam_step.defaults = dict(mom=0.9, sqr_mom=0.99, eps=1e-5)
 
 # %% ../nbs/11_adam.ipynb #718d8080
 def adam_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], sqr_avg:list[Tensor], lr:float,
@@ -83,26 +82,23 @@ ADAM_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, c
                    percentile_clipping=percentile_range)
 
 # %% ../nbs/11_adam.ipynb #e05c05c5
-def _adam_args(foreach, eightbit, fused, amsgrad, cautious, eightbitargs) -> tuple:
-    "The path and 8-bit options, checked; AMSGrad and Cautious have no bitsandbytes kernel"
-    check_cautious(cautious, eightbit)
-    if not isinstance(amsgrad, bool): raise ValueError(f"`amsgrad` must be a bool, got {amsgrad!r}")
-    if amsgrad and eightbit:
-        raise ValueError("`amsgrad=True` is not available with `eightbit=True`: bitsandbytes' Adam kernels have no AMSGrad")
-    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, ADAM_CHECKS, **eightbitargs)
+def adam_shape(args:dict) -> dict:
+    "The steppers with or without AMSGrad, which keeps a third state"
+    ams = args['amsgrad']
+    return dict(steppers=[partial(adam_step, amsgrad=ams)], foreach=partial(adam_foreach_step, amsgrad=ams),
+                state_keys=('grad_avg', 'sqr_avg', 'max_sqr_avg') if ams else ('grad_avg', 'sqr_avg'))
 
+def refuse_amsgrad(args:dict, eightbit:bool):
+    "`amsgrad` is a bool, and bitsandbytes' Adam kernels have none"
+    if not isinstance(args['amsgrad'], bool): raise ValueError(f"`amsgrad` must be a bool, got {args['amsgrad']!r}")
+    if args['amsgrad'] and eightbit:
+        raise ValueError("`amsgrad=True` is not available with `eightbit=True`: bitsandbytes' Adam kernels have no AMSGrad")
+
+@declare(steppers=[adam_step], foreach=adam_foreach_step, checks=ADAM_CHECKS, fused=ADAM_FUSED, eightbit=ADAM_8BIT,
+         complex_ok=True, options=('amsgrad',), shape=adam_shape, refuse=refuse_amsgrad)
 def Adam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0.01, decouple_wd:bool=True,
-         amsgrad:bool=False, cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
-         percentile_clipping:float=100, **eightbitargs) -> FXOptimizer:
+         amsgrad:bool=False, cautious:bool=False) -> FXOptimizer:
     "A fastai `Optimizer` for Adam (`decouple_wd=False`) or AdamW on the native, ForEach, fused or bitsandbytes path"
-    path, args = _adam_args(foreach, eightbit, fused, amsgrad, cautious, eightbitargs)
-    keys = ('grad_avg', 'sqr_avg', 'max_sqr_avg') if amsgrad else ('grad_avg', 'sqr_avg')
-    return FXOptimizer(params, [partial(adam_step, amsgrad=amsgrad)], partial(adam_foreach_step, amsgrad=amsgrad),
-                       state_keys=keys, path=path, checks=ADAM_CHECKS, eightbit=ADAM_8BIT, eightbit_args=args,
-                       fused=ADAM_FUSED, complex_ok=True, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
-                       decouple_wd=decouple_wd, cautious=cautious, percentile_clipping=percentile_clipping, state_bits=state_bits,
-                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/11_adam.ipynb #452888eb
 adam = opt_partial(Adam)

@@ -11,8 +11,9 @@ from torch import Tensor
 from typing import Callable
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
                                   boolean, steps_runs, cautious_, cautious_foreach_, check_cautious, foreach_mul_)
-from .eightbit import no_eightbit
+from .eightbit import NO_KERNEL
 from .fused import FusedSpec, uncautious
+from .declare import declare
 
 
 # %% auto #0
@@ -47,8 +48,6 @@ def adan_step(p:Tensor, grad:Tensor, grad_avg:Tensor, diff_avg:Tensor, sqr_avg:T
     if cautious: p.add_(cautious_(diff_avg.mul(beta2).add_(grad_avg).div_(denom), grad), alpha=-lr)
     else: p.addcdiv_(grad_avg, denom, value=-lr).addcdiv_(diff_avg, denom, value=-lr * beta2)
     if wd and not adam_wd: p.div_(1 + lr * wd)
-
-adan_step.defaults = dict(beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-6, wd=0.02, adam_wd=False, cautious=False)
 
 # %% ../nbs/21_adan.ipynb #225e3d91
 def adan_foreach_moments_(grads:list[Tensor], grad_avg:list[Tensor], diff_avg:list[Tensor], sqr_avg:list[Tensor],
@@ -125,18 +124,11 @@ ADAN_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, beta3=unit_interval
                    cautious=boolean, percentile_clipping=percentile_range)
 
 # %% ../nbs/21_adan.ipynb #c3ad4f78
+@declare(steppers=[adan_step], foreach=adan_foreach_step, state_keys=('grad_avg', 'diff_avg', 'sqr_avg', 'prev_grad'),
+         checks=ADAN_CHECKS, fused=ADAN_FUSED, own_decay=True, no_eightbit=NO_KERNEL)
 def Adan(params, lr:float, beta1:float=0.98, beta2:float=0.92, beta3:float=0.99, eps:float=1e-6, wd:float=0.02,
-         adam_wd:bool=False, cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
-         percentile_clipping:float=100, **kwargs) -> FXOptimizer:
+         adam_wd:bool=False, cautious:bool=False) -> FXOptimizer:
     "A fastai `Optimizer` for Adan (`cautious=True`: Cautious Adan) on the native, ForEach or fused path"
-    check_cautious(cautious, False)
-    no_eightbit('Adan', eightbit, kwargs, ADAN_CHECKS)
-    return FXOptimizer(params, [adan_step], adan_foreach_step, state_keys=('grad_avg', 'diff_avg', 'sqr_avg', 'prev_grad'),
-                       path=select_path(foreach, False, fused), checks=ADAN_CHECKS, fused=ADAN_FUSED, own_decay=True,
-                       lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, wd=wd, adam_wd=adam_wd,
-                       cautious=cautious, percentile_clipping=percentile_clipping, state_bits=state_bits,
-                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/21_adan.ipynb #ec4dd8c8
 adan = opt_partial(Adan)

@@ -12,6 +12,7 @@ from torch import Tensor
 from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range, foreach_mul_
 from .eightbit import EightBitSpec, eightbit_args, update_tensor
 from .fused import FusedSpec
+from .declare import declare
 
 # %% auto #0
 __all__ = ['ADEMAMIX_8BIT', 'ADEMAMIX_FUSED', 'ADEMAMIX_CHECKS', 'ademamix', 'alpha_at', 'beta3_at', 'ademamix_step',
@@ -40,8 +41,6 @@ def ademamix_step(p:Tensor, grad:Tensor, grad_avg:Tensor, slow_avg:Tensor, sqr_a
     sqr_avg.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     num = grad_avg / (1 - beta1**step) + a * slow_avg
     p.add_(num / (sqr_avg.sqrt() / math.sqrt(1 - beta2**step) + eps), alpha=-lr)
-
-ademamix_step.defaults = dict(beta1=0.9, beta2=0.999, beta3=0.9999, alpha=5., t_alpha=None, t_beta3=None, eps=1e-8)
 
 # %% ../nbs/19_ademamix.ipynb #3bdc11b2
 def ademamix_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], slow_avg:list[Tensor],
@@ -108,23 +107,14 @@ def check_beta3_schedule(hypers:dict):
         raise ValueError(f"`t_beta3` needs `beta1` > 0 and `beta3` > 0, got beta1={hypers.get('beta1')!r}, "
                          f"beta3={hypers.get('beta3')!r}")
 
-def _ademamix_args(foreach, eightbit, fused, hypers, eightbitargs) -> tuple:
-    check_beta3_schedule(hypers)
-    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, ADEMAMIX_CHECKS, **eightbitargs)
+
 
 # %% ../nbs/19_ademamix.ipynb #7b2d9146
+@declare(steppers=[ademamix_step], foreach=ademamix_foreach_step, state_keys=('grad_avg', 'slow_avg', 'sqr_avg'),
+         checks=ADEMAMIX_CHECKS, group_check=check_beta3_schedule, fused=ADEMAMIX_FUSED, eightbit=ADEMAMIX_8BIT)
 def AdEMAMix(params, lr:float, beta1:float=0.9, beta2:float=0.999, beta3:float=0.9999, alpha:float=5.,
-             t_alpha:int|None=None, t_beta3:int|None=None, eps:float=1e-8, wd:float=0.01, decouple_wd:bool=True,
-             foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-             kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
-             **eightbitargs) -> FXOptimizer:
+             t_alpha:int|None=None, t_beta3:int|None=None, eps:float=1e-8, wd:float=0.01,
+             decouple_wd:bool=True) -> FXOptimizer:
     "A fastai `Optimizer` for AdEMAMix on the native, ForEach, fused or bitsandbytes path"
-    hypers = dict(beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps, wd=wd,
-                  decouple_wd=decouple_wd, percentile_clipping=percentile_clipping, state_bits=state_bits,
-                  kahan_sum=kahan_sum, stochastic_round=stochastic_round)
-    path, args = _ademamix_args(foreach, eightbit, fused, hypers, eightbitargs)
-    return FXOptimizer(params, [ademamix_step], ademamix_foreach_step, state_keys=('grad_avg', 'slow_avg', 'sqr_avg'),
-                       path=path, checks=ADEMAMIX_CHECKS, group_check=check_beta3_schedule, eightbit=ADEMAMIX_8BIT,
-                       eightbit_args=args, fused=ADEMAMIX_FUSED, lr=lr, **hypers)
 
 ademamix = opt_partial(AdEMAMix)

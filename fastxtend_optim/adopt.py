@@ -11,8 +11,9 @@ from torch import Tensor
 from .core import (
     FXOptimizer, select_path, unit_interval, boolean, percentile_range, opt_partial, cautious_, cautious_foreach_, positive,
     steps_runs, foreach_mul_)
-from .eightbit import no_eightbit
+from .eightbit import NO_KERNEL
 from .fused import FusedSpec
+from .declare import declare
 
 
 # %% auto #0
@@ -35,8 +36,6 @@ def adopt_step(p:Tensor, grad:Tensor, lr:float, beta1:float, beta2:float, eps:fl
     grad_avg.lerp_(normed.clamp_(-clip, clip), 1 - beta1)
     p.add_(cautious_(grad_avg.clone(), grad) if cautious else grad_avg, alpha=-lr)
     sqr_avg.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-
-adopt_step.defaults = dict(beta1=0.9, beta2=0.9999, eps=1e-6)
 
 # %% ../nbs/23_adopt.ipynb #5d5459c4
 def adopt_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], sqr_avg:list[Tensor], lr:float,
@@ -81,17 +80,11 @@ ADOPT_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, eps=positive, deco
                     percentile_clipping=percentile_range)
 
 # %% ../nbs/23_adopt.ipynb #3a8045c3
+@declare(steppers=[adopt_step], foreach=adopt_foreach_step, state_keys=('grad_avg', 'sqr_avg'), checks=ADOPT_CHECKS,
+         fused=ADOPT_FUSED, no_eightbit=NO_KERNEL)
 def ADOPT(params, lr:float, beta1:float=0.9, beta2:float=0.9999, eps:float=1e-6, wd:float=0., decouple_wd:bool=False,
-          cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-          kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
-          percentile_clipping:float=100, **kwargs) -> FXOptimizer:
+          cautious:bool=False) -> FXOptimizer:
     "A fastai `Optimizer` for ADOPT (with Cautious masking when `cautious`) on the native, ForEach or fused path"
-    no_eightbit('ADOPT', eightbit, kwargs, ADOPT_CHECKS)
-    return FXOptimizer(params, [adopt_step], adopt_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
-                       path=select_path(foreach, False, fused), checks=ADOPT_CHECKS, fused=ADOPT_FUSED, lr=lr,
-                       beta1=beta1, beta2=beta2, eps=eps, wd=wd, decouple_wd=decouple_wd, cautious=cautious,
-                       percentile_clipping=percentile_clipping, state_bits=state_bits,
-                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/23_adopt.ipynb #b18be816
 adopt = opt_partial(ADOPT)

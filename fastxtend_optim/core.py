@@ -362,4 +362,5 @@ def opt_partial(factory:Callable) -> Callable:
     make.__name__ = make.__qualname__ = factory.__name__.lower()
     make.__module__ = factory.__module__
     make.__doc__ = f"A partial of `{factory.__name__}` for `Learner(opt_func=...)`; checks its arguments now"
+    make.factory = factory  # the registry pairs them
     return make

@@ -16,7 +16,7 @@ from .lowbit import map_values
 from .lowprec import KAHAN_KEY
 
 # %% auto #0
-__all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'EIGHTBIT_OPTIMIZERS', 'STATE_CARRIED', 'QUANTIZER_SLACK',
+__all__ = ['EIGHTBIT_STATE_KEYS', 'BLOCKSIZE', 'PAGED_MIN_NUMEL', 'NO_KERNEL', 'STATE_CARRIED', 'QUANTIZER_SLACK',
            'FourBitKernelNotice', 'bnb_functional', 'EightBitSpec', 'EightBitArgs', 'eightbit_args', 'no_eightbit',
            'dynamic_map', 'state_buffer', 'init_eightbit_state', 'update_tensor', 'eightbit_step',
            'PathConversionWarning', 'quantize_state', 'dequantize_state', 'quantization_bound', 'check_target_keys',
@@ -85,18 +85,18 @@ def eightbit_args(eightbit:bool, hyper_names=(), **kwargs) -> EightBitArgs|None:
     return args if eightbit else None
 
 # %% ../nbs/01_eightbit.ipynb #e1b0a7e4
-EIGHTBIT_OPTIMIZERS = 'Lion, Adam, LARS, SGD, RMSProp, Adagrad, LAMB and AdEMAMix'
+NO_KERNEL = 'no bitsandbytes kernel computes its update'
 
-def no_eightbit(name:str, eightbit, kwargs:dict|None=None, hyper_names=()):
-    "Refuse `eightbit=True` and 8-bit options for `name`, which no bitsandbytes kernel fits; name ours for torch's keywords"
+def no_eightbit(name:str, eightbit, kwargs:dict|None=None, hyper_names=(), why:str=NO_KERNEL):
+    "Refuse `eightbit=True` and 8-bit options for `name`, for reason `why`; name ours for torch's keywords"
     kwargs = kwargs or {}
     refuse_foreign_keywords(sorted(kwargs), hyper_names)
     unknown = sorted(set(kwargs) - set(EightBitArgs.__dataclass_fields__))
     if unknown: raise TypeError(f"{name} got unexpected keyword arguments {unknown}")
     if not isinstance(eightbit, bool): raise ValueError(f"`eightbit` must be a bool, got {eightbit!r}")
     if eightbit or kwargs:
-        raise ValueError(f"{name} has no 8-bit path{' for ' + str(sorted(kwargs)) if kwargs else ''}: no bitsandbytes "
-                         f"kernel computes its update. The optimizers with one are {EIGHTBIT_OPTIMIZERS}.")
+        raise ValueError(f"{name} has no 8-bit path{' for ' + str(sorted(kwargs)) if kwargs else ''}: {why}. "
+                         "The fused path quantizes its state instead: `fused=True, state_bits=8`.")
 
 # %% ../nbs/01_eightbit.ipynb #ed4ce589
 _qmaps = {}

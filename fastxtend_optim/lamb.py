@@ -13,6 +13,7 @@ from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_nega
 from .core import stacked_norms, whole_norm, whole_norms
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec, compiled_or_eager, fused_chunks, LOWBIT_ROWS
+from .declare import declare
 
 # %% auto #0
 __all__ = ['MAX_TRUST', 'LAMB_8BIT', 'LAMB_FUSED', 'LAMB_CHECKS', 'lamb', 'lamb_direction', 'lamb_trust', 'tensor_trust',
@@ -43,8 +44,6 @@ def lamb_step(p:Tensor, grad:Tensor, grad_avg:Tensor, sqr_avg:Tensor, step:int, 
     sqr_avg.mul_(sqr_mom).addcmul_(grad, grad, value=1 - sqr_mom)
     d = lamb_direction(grad_avg, sqr_avg, debias(mom, 1 - mom, step), debias(sqr_mom, 1 - sqr_mom, step), eps)
     p.add_(d, alpha=-lr * tensor_trust(whole_norm(p), whole_norm(d)))
-
-lamb_step.defaults = dict(mom=0.9, sqr_mom=0.99, eps=1e-5)
 
 # %% ../nbs/18_lamb.ipynb #7b828e53
 def lamb_foreach_directions(grad_avg:list[Tensor], sqr_avg:list[Tensor], mom:float, sqr_mom:float, eps:float,
@@ -155,15 +154,10 @@ LAMB_FUSED = FusedSpec(lamb_update, lamb_scalars, unsigned=('sqr_avg',))
 # %% ../nbs/18_lamb.ipynb #82f0a28e
 LAMB_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, percentile_clipping=percentile_range)
 
-def Lamb(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0., decouple_wd:bool=True,
-         foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
-         **eightbitargs) -> FXOptimizer:
+@declare(steppers=[lamb_step], foreach=lamb_foreach_step, state_keys=('grad_avg', 'sqr_avg'), checks=LAMB_CHECKS,
+         fused=LAMB_FUSED, eightbit=LAMB_8BIT)
+def Lamb(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0.,
+         decouple_wd:bool=True) -> FXOptimizer:
     "A fastai `Optimizer` for LAMB on the native, ForEach, fused or bitsandbytes path"
-    return FXOptimizer(params, [lamb_step], lamb_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
-                       path=select_path(foreach, eightbit, fused), checks=LAMB_CHECKS, eightbit=LAMB_8BIT,
-                       eightbit_args=eightbit_args(eightbit, LAMB_CHECKS, **eightbitargs), fused=LAMB_FUSED, lr=lr, mom=mom,
-                       sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd, percentile_clipping=percentile_clipping, state_bits=state_bits,
-                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 lamb = opt_partial(Lamb)

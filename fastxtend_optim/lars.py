@@ -13,6 +13,7 @@ from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_nega
 from .core import stacked_norms, whole_norm
 from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec
+from .declare import declare
 
 # %% auto #0
 __all__ = ['LARS_8BIT', 'LARS_FUSED', 'LARS_CHECKS', 'lars', 'trust_lr', 'lars_local_lr', 'tensor_lr', 'unorm_scale',
@@ -82,9 +83,6 @@ def lars_step(p:Tensor, grad:Tensor, grad_avg:Tensor, step:int, lr:float, mom:fl
         if d_norm > limit: local *= limit / d_norm
     p.add_(d, alpha=-local)
     return {'local_lr': torch.tensor(local, dtype=torch.float32, device=p.device)}
-
-lars_step.defaults = dict(mom=0.9, dampening=0., nesterov=False, trust_coeff=0.02, clip=False, eps=1e-8,
-                          max_unorm=0.)
 
 # %% ../nbs/12_lars.ipynb #a9521f87
 def _buffer(state:dict) -> Tensor:
@@ -157,10 +155,7 @@ def check_nesterov(hypers:dict):
     if hypers.get('nesterov') is True and (mom == 0 or dampening != 0):
         raise ValueError(f"`nesterov=True` needs `mom` > 0 and `dampening` = 0, got mom={mom!r}, dampening={dampening!r}")
 
-def _lars_args(foreach, eightbit, fused, hypers, eightbitargs) -> tuple:
-    "The path and 8-bit options, checked, and torch's rule for Nesterov"
-    check_nesterov(hypers)
-    return select_path(foreach, eightbit, fused), eightbit_args(eightbit, LARS_CHECKS, **eightbitargs)
+
 
 # %% ../nbs/12_lars.ipynb #b2cbc309
 class LarsOptimizer(FXOptimizer):
@@ -171,19 +166,11 @@ class LarsOptimizer(FXOptimizer):
         lists, shared = super().foreach_args(group, chunks)
         return {**lists, 'states': group.states}, shared
 
+@declare(steppers=[lars_step], foreach=lars_foreach_step, state_keys=('grad_avg',), checks=LARS_CHECKS,
+         group_check=check_nesterov, fused=LARS_FUSED, eightbit=LARS_8BIT, optimizer=LarsOptimizer)
 def Lars(params, lr:float, mom:float=0.9, dampening:float=0., nesterov:bool=False, trust_coeff:float|None=0.02,
-         clip:bool=False, eps:float=1e-8, wd:float=0., decouple_wd:bool=True, max_unorm:float=0.,
-         foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
-         **eightbitargs) -> FXOptimizer:
+         clip:bool=False, eps:float=1e-8, wd:float=0., decouple_wd:bool=True, max_unorm:float=0.) -> FXOptimizer:
     "A fastai `Optimizer` for LARS (LARC with `clip=True`) on the native, ForEach, fused or bitsandbytes path"
-    hypers = dict(mom=mom, dampening=dampening, nesterov=nesterov, trust_coeff=trust_coeff, clip=clip, eps=eps, wd=wd,
-                  decouple_wd=decouple_wd, max_unorm=max_unorm, percentile_clipping=percentile_clipping, state_bits=state_bits,
-                  kahan_sum=kahan_sum, stochastic_round=stochastic_round)
-    path, args = _lars_args(foreach, eightbit, fused, hypers, eightbitargs)
-    return LarsOptimizer(params, [lars_step], lars_foreach_step, state_keys=('grad_avg',), path=path,
-                         checks=LARS_CHECKS, group_check=check_nesterov, eightbit=LARS_8BIT, eightbit_args=args,
-                         fused=LARS_FUSED, lr=lr, **hypers)
 
 lars = opt_partial(Lars)
 

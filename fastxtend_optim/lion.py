@@ -13,6 +13,7 @@ from .core import (opt_partial, FXOptimizer, select_path, unit_interval, percent
                                   cautious_, cautious_foreach_, check_cautious)
 from .eightbit import EightBitSpec, eightbit_args
 from .fused import FusedSpec, uncautious
+from .declare import declare
 
 # %% auto #0
 __all__ = ['LION_8BIT', 'LION_FUSED', 'LION_CHECKS', 'lion', 'lion_step', 'lion_foreach_step', 'lion_kernel_hypers',
@@ -26,8 +27,6 @@ def lion_step(p:Tensor, grad:Tensor, lr:float, beta1:float, beta2:float, grad_av
     if cautious: cautious_(update, grad)
     p.add_(update, alpha=-lr)
     grad_avg.lerp_(grad, 1 - beta2)
-
-lion_step.defaults = dict(beta1=0.9, beta2=0.99)
 
 # %% ../nbs/10_lion.ipynb #f4aa0417
 def lion_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], lr:float, beta1:float,
@@ -61,18 +60,10 @@ LION_FUSED = FusedSpec(lion_update, lion_scalars)
 LION_CHECKS = dict(beta1=unit_interval, beta2=unit_interval, cautious=boolean, percentile_clipping=percentile_range)
 
 # %% ../nbs/10_lion.ipynb #241cb9d4
-def Lion(params, lr:float, beta1:float=0.9, beta2:float=0.99, wd:float=0.1, cautious:bool=False,
-         foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
-         **eightbitargs) -> FXOptimizer:
+@declare(steppers=[lion_step], foreach=lion_foreach_step, state_keys=('grad_avg',), checks=LION_CHECKS,
+         fused=LION_FUSED, eightbit=LION_8BIT)
+def Lion(params, lr:float, beta1:float=0.9, beta2:float=0.99, wd:float=0.1, cautious:bool=False) -> FXOptimizer:
     "A fastai `Optimizer` for Lion on the native, ForEach (`foreach`), `fused` or bitsandbytes (`eightbit`) path"
-    path = select_path(foreach, eightbit, fused)
-    check_cautious(cautious, eightbit)
-    args = eightbit_args(eightbit, LION_CHECKS, **eightbitargs)
-    return FXOptimizer(params, [lion_step], lion_foreach_step, state_keys=('grad_avg',), path=path,
-                       checks=LION_CHECKS, eightbit=LION_8BIT, eightbit_args=args, fused=LION_FUSED, lr=lr, beta1=beta1,
-                       beta2=beta2, wd=wd, cautious=cautious, percentile_clipping=percentile_clipping, state_bits=state_bits,
-                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/10_lion.ipynb #17c304de
 lion = opt_partial(Lion)

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 from .core import foreach_chunks, opt_partial, local_tensor
 from .lowprec import KAHAN_KEY, weight_rounding, working_weights, store_weights, noise_key
-from .radam import RAdam, RADAM_CHECKS
-from .eightbit import no_eightbit
+from .radam import radam_step, radam_foreach_step, RADAM_CHECKS, RADAM_FUSED
+from .eightbit import NO_KERNEL
+from .declare import declare
 
 # %% auto #0
 __all__ = ['LOOKAHEAD_STREAM', 'lookahead_', 'check_lookahead', 'Lookahead', 'Ranger', 'ranger']
@@ -118,17 +119,12 @@ class Lookahead:
     def __repr__(self): return f'Lookahead(k={self.k}, alpha={self.alpha}) around {self.opt!r}'
 
 # %% ../nbs/20_lookahead.ipynb #8e6d2ee3
+@declare(steppers=[radam_step], foreach=radam_foreach_step, state_keys=('grad_avg', 'sqr_avg'), checks=RADAM_CHECKS,
+         fused=RADAM_FUSED, no_eightbit=NO_KERNEL, options=('k', 'alpha'),
+         refuse=lambda args, eightbit: check_lookahead(args['k'], args['alpha']), wrap=Lookahead)
 def Ranger(params, lr:float, mom:float=0.95, wd:float=0.01, eps:float=1e-6, k:int=6, alpha:float=0.5,
-           sqr_mom:float=0.99, beta:float=0., decouple_wd:bool=True, foreach:bool|None=None, fused:bool=False,
-           state_bits:int=32,
-           kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100, **kwargs) -> Lookahead:
+           sqr_mom:float=0.99, beta:float=0., decouple_wd:bool=True) -> Lookahead:
     "`Lookahead` around `RAdam`, on the native, ForEach or fused path"
-    no_eightbit('Ranger', eightbit, kwargs, RADAM_CHECKS)
-    check_lookahead(k, alpha)
-    return Lookahead(RAdam(params, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta, decouple_wd=decouple_wd,
-                           foreach=foreach, fused=fused, percentile_clipping=percentile_clipping,
-                           state_bits=state_bits,
-                           kahan_sum=kahan_sum, stochastic_round=stochastic_round), k=k, alpha=alpha)
 
 # %% ../nbs/20_lookahead.ipynb #5e0f19dc
 _ranger_partial = opt_partial(Ranger)
@@ -139,3 +135,5 @@ def ranger(params=None, lr:float|None=None, **kwargs) -> Lookahead|partial:
     if lr is None: return _ranger_partial(**kwargs)
     Ranger([torch.zeros(1, requires_grad=True)], lr, **kwargs)  # every check, `lr` included
     return partial(Ranger, lr=lr, **kwargs)
+
+ranger.factory = Ranger  # the registry pairs them

@@ -14,7 +14,8 @@ from .core import (FXOptimizer, TensorGroup, select_path, unit_interval, non_neg
                                   boolean, opt_partial, init_state, refuse_foreign_keywords, positive,
                                   shard_group)
 from .adam import adam_step, adam_foreach_step, ADAM_FUSED
-from .eightbit import no_eightbit
+from .eightbit import NO_KERNEL
+from .declare import declare, stepper_defaults
 
 # %% auto #0
 __all__ = ['NS_COEFFS', 'MUON_STATE', 'ADAMW_STATE', 'MUON_CHECKS', 'muon', 'newton_schulz', 'muon_lr_scale', 'gather_whole',
@@ -89,8 +90,6 @@ def muon_step(p:Tensor, grad:Tensor, grad_avg:Tensor, lr:float, mom:float, neste
     whole = u if owner is None else gather_whole(u, owner)
     orth = newton_schulz(whole, ns_steps, eps)
     p.add_(orth if owner is None else local_slice(orth, owner), alpha=-lr * muon_lr_scale(whole.shape))
-
-muon_step.defaults = dict(mom=0.95, nesterov=True, ns_steps=5, eps=1e-7)
 
 # %% ../nbs/25_muon.ipynb #b49f5f4d
 def shape_runs(tensors:list[Tensor]) -> dict[tuple, list[int]]:
@@ -212,19 +211,13 @@ def dict_groups(params, hypers:dict) -> tuple[list, dict]:
     lists = [[g['params']] if isinstance(g['params'], Tensor) else list(g['params']) for g in params]
     return lists, {**hypers, **{k: [g.get(k, hypers[k]) for g in params] for k in named}}
 
+@declare(steppers=[partial(adam_step)], foreach=adam_foreach_step, state_keys=ADAMW_STATE, checks=MUON_CHECKS,
+         fused=ADAM_FUSED, no_eightbit=NO_KERNEL, optimizer=MuonOptimizer, prepare=dict_groups)
 def Muon(params, lr:float, mom:float=0.95, nesterov:bool=True, wd:float=0.1, ns_steps:int=5, eps:float=1e-7,
          adam_lr_mult:float=1., adam_mom:float=0.9, adam_sqr_mom:float=0.999, adam_eps:float=1e-8, adam_wd:float=0.01,
-         muon:bool|None=None, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-         kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
-         percentile_clipping:float=100, **kwargs) -> MuonOptimizer:
+         muon:bool|None=None) -> MuonOptimizer:
     "A fastai `Optimizer` for Muon on the hidden matrices and AdamW on the other tensors, on the native, ForEach or fused path"
-    no_eightbit('Muon', eightbit, kwargs, MUON_CHECKS)
-    params, hypers = dict_groups(params, dict(lr=lr, mom=mom, nesterov=nesterov, wd=wd, ns_steps=ns_steps, eps=eps,
-        adam_lr_mult=adam_lr_mult, adam_mom=adam_mom, adam_sqr_mom=adam_sqr_mom, adam_eps=adam_eps, adam_wd=adam_wd,
-        muon=muon, percentile_clipping=percentile_clipping, state_bits=state_bits,
-        kahan_sum=kahan_sum, stochastic_round=stochastic_round))
-    return MuonOptimizer(params, [partial(adam_step)], adam_foreach_step, state_keys=ADAMW_STATE,
-                         path=select_path(foreach, False, fused), checks=MUON_CHECKS, fused=ADAM_FUSED, **hypers)
 
 # %% ../nbs/25_muon.ipynb #65b7c1bc
 muon = opt_partial(Muon)
+muon_step.defaults = stepper_defaults(muon_step, Muon.declaration.signature)  # fastai's, for the Muon stepper

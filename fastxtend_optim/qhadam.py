@@ -12,7 +12,8 @@ from fastai.optimizer import debias
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range,
                                   closed_unit_interval, opt_partial, foreach_mul_)
 from .fused import FusedSpec
-from .eightbit import no_eightbit
+from .eightbit import NO_KERNEL
+from .declare import declare
 
 # %% auto #0
 __all__ = ['QHADAM_FUSED', 'QHADAM_CHECKS', 'qhadam', 'qhadam_step', 'qhadam_foreach_step', 'qhadam_update', 'qhadam_scalars',
@@ -28,8 +29,6 @@ def qhadam_step(p:Tensor, grad:Tensor, lr:float, mom:float, sqr_mom:float, nu_1:
     num = (1 - nu_1) * grad + nu_1 * (grad_avg / debias1)
     denom = ((1 - nu_2) * grad**2 + nu_2 * (sqr_avg / debias2)).sqrt() + eps
     p.addcdiv_(num, denom, value=-lr)
-
-qhadam_step.defaults = dict(mom=0.999, sqr_mom=0.999, nu_1=0.7, nu_2=1.0, eps=1e-8)
 
 # %% ../nbs/17_qhadam.ipynb #9877ff31
 def qhadam_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], sqr_avg:list[Tensor],
@@ -75,17 +74,11 @@ QHADAM_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, nu_1=closed_unit_
                      eps=non_negative, percentile_clipping=percentile_range)
 
 # %% ../nbs/17_qhadam.ipynb #74efe8e2
+@declare(steppers=[qhadam_step], foreach=qhadam_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
+         checks=QHADAM_CHECKS, fused=QHADAM_FUSED, no_eightbit=NO_KERNEL)
 def QHAdam(params, lr:float, mom:float=0.999, sqr_mom:float=0.999, nu_1:float=0.7, nu_2:float=1.0, eps:float=1e-8,
-           wd:float=0., decouple_wd:bool=True, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-           kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
-           percentile_clipping:float=100, **kwargs) -> FXOptimizer:
+           wd:float=0., decouple_wd:bool=True) -> FXOptimizer:
     "A fastai `Optimizer` for QHAdam (`decouple_wd=False`) or QHAdamW on the native, ForEach or fused path"
-    no_eightbit('QHAdam', eightbit, kwargs, QHADAM_CHECKS)
-    return FXOptimizer(params, [qhadam_step], qhadam_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
-                       path=select_path(foreach, False, fused), checks=QHADAM_CHECKS, fused=QHADAM_FUSED, lr=lr,
-                       mom=mom, sqr_mom=sqr_mom, nu_1=nu_1, nu_2=nu_2, eps=eps, wd=wd, decouple_wd=decouple_wd,
-                       percentile_clipping=percentile_clipping, state_bits=state_bits,
-                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/17_qhadam.ipynb #5a3daf78
 qhadam = opt_partial(QHAdam)

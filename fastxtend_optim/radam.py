@@ -13,8 +13,9 @@ from torch import Tensor
 from fastai.optimizer import debias
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
                                   steps_runs, foreach_mul_)
-from .eightbit import no_eightbit
+from .eightbit import NO_KERNEL
 from .fused import FusedSpec
+from .declare import declare
 
 # %% auto #0
 __all__ = ['RADAM_FUSED', 'RADAM_CHECKS', 'radam', 'radam_rect', 'radam_denom', 'radam_step', 'radam_foreach_step',
@@ -45,8 +46,6 @@ def radam_step(p:Tensor, grad:Tensor, lr:float, mom:float, sqr_mom:float, eps:fl
     if rect is None: p.add_(grad_avg, alpha=-lr / debias1)
     else: p.addcdiv_(grad_avg, radam_denom(sqr_avg, debias(sqr_mom, 1 - sqr_mom, step), eps, beta),
                      value=-lr * rect / debias1)
-
-radam_step.defaults = dict(mom=0.9, sqr_mom=0.99, eps=1e-5, beta=0.)
 
 # %% ../nbs/16_radam.ipynb #c8e680cc
 def radam_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:list[Tensor], sqr_avg:list[Tensor], lr:float,
@@ -103,17 +102,11 @@ RADAM_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, 
                     percentile_clipping=percentile_range)
 
 # %% ../nbs/16_radam.ipynb #34cbb03d
+@declare(steppers=[radam_step], foreach=radam_foreach_step, state_keys=('grad_avg', 'sqr_avg'), checks=RADAM_CHECKS,
+         fused=RADAM_FUSED, no_eightbit=NO_KERNEL)
 def RAdam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0., beta:float=0.,
-          decouple_wd:bool=True, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-          kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
-          percentile_clipping:float=100, **kwargs) -> FXOptimizer:
+          decouple_wd:bool=True) -> FXOptimizer:
     "A fastai `Optimizer` for RAdam (`decouple_wd=False`), RAdamW or SAdam (`beta` > 0) on the native, ForEach or fused path"
-    no_eightbit('RAdam', eightbit, kwargs, RADAM_CHECKS)
-    return FXOptimizer(params, [radam_step], radam_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
-                       path=select_path(foreach, False, fused), checks=RADAM_CHECKS, fused=RADAM_FUSED, lr=lr, mom=mom,
-                       sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta, decouple_wd=decouple_wd,
-                       percentile_clipping=percentile_clipping, state_bits=state_bits,
-                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/16_radam.ipynb #cee19219
 radam = opt_partial(RAdam)

@@ -13,10 +13,11 @@ from .core import (opt_partial, FXOptimizer, check_hypers, select_path, unit_int
 from .eightbit import EightBitSpec, eightbit_args
 from .fused import FusedSpec
 from .lars import boolean
+from .declare import declare
 
 # %% auto #0
 __all__ = ['RMSPROP_FUSED', 'RMSPROP_8BIT', 'RMSPROP_CHECKS', 'rmsprop', 'rmsprop_step', 'rmsprop_foreach_step', 'rmsprop_update',
-           'rmsprop_scalars', 'rmsprop_kernel_hypers', 'RMSProp']
+           'rmsprop_scalars', 'rmsprop_kernel_hypers', 'refuse_eightbit_momentum', 'RMSProp']
 
 # %% ../nbs/14_rmsprop.ipynb #e7fce7b9
 def rmsprop_step(p:Tensor, grad:Tensor, sqr_avg:Tensor, lr:float, mom:float, sqr_mom:float, eps:float,
@@ -25,8 +26,6 @@ def rmsprop_step(p:Tensor, grad:Tensor, sqr_avg:Tensor, lr:float, mom:float, sqr
     if grad_avg is not None: grad_avg.mul_(mom).add_(grad)
     sqr_avg.mul_(sqr_mom).addcmul_(grad, grad, value=1 - sqr_mom)
     p.addcdiv_(grad if grad_avg is None else grad_avg, sqr_avg.sqrt().add_(eps), value=-lr)
-
-rmsprop_step.defaults = dict(mom=0., sqr_mom=0.99, eps=1e-8)
 
 # %% ../nbs/14_rmsprop.ipynb #a4494326
 def rmsprop_foreach_step(params:list[Tensor], grads:list[Tensor], sqr_avg:list[Tensor], lr:float, mom:float,
@@ -69,27 +68,17 @@ RMSPROP_8BIT = EightBitSpec('rmsprop', rmsprop_kernel_hypers, kernel_wd='l2', fp
 RMSPROP_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_negative, decouple_wd=boolean,
                       percentile_clipping=percentile_range)
 
-def _rmsprop_args(hypers:dict, foreach, eightbit, fused, eightbitargs) -> tuple:
-    "Check the hypers and the 8-bit path's lack of momentum; the path and 8-bit options"
-    check_hypers(RMSPROP_CHECKS, **hypers)
-    path = select_path(foreach, eightbit, fused)  # exclusive paths are reported first
-    if eightbit is True and hypers['mom'] != 0:
+def refuse_eightbit_momentum(args:dict, eightbit:bool):
+    "bitsandbytes' rmsprop kernel has no momentum"
+    if eightbit is True and args['mom'] != 0:
         raise ValueError("`eightbit=True` needs `mom=0`: bitsandbytes' rmsprop kernel has no momentum (its "
                          "RMSprop8bit ignores `momentum`). Pass `mom=0`, or take the ForEach or fused path")
-    return path, eightbit_args(eightbit, RMSPROP_CHECKS, **eightbitargs)
 
-def RMSProp(params, lr:float, mom:float=0., sqr_mom:float=0.99, eps:float=1e-8, wd:float=0., decouple_wd:bool=True,
-            foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-            kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
-            **eightbitargs) -> FXOptimizer:
+@declare(steppers=[rmsprop_step], foreach=rmsprop_foreach_step, checks=RMSPROP_CHECKS, fused=RMSPROP_FUSED,
+         eightbit=RMSPROP_8BIT, refuse=refuse_eightbit_momentum,
+         shape=lambda args: dict(state_keys=('grad_avg', 'sqr_avg') if args['mom'] != 0 else ('sqr_avg',)))
+def RMSProp(params, lr:float, mom:float=0., sqr_mom:float=0.99, eps:float=1e-8, wd:float=0.,
+            decouple_wd:bool=True) -> FXOptimizer:
     "A fastai `Optimizer` for RMSProp, with momentum when `mom` > 0, on the native, ForEach, fused or bitsandbytes path"
-    hypers = dict(mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd,
-                  percentile_clipping=percentile_clipping, state_bits=state_bits,
-                  kahan_sum=kahan_sum, stochastic_round=stochastic_round)
-    path, args = _rmsprop_args(hypers, foreach, eightbit, fused, eightbitargs)
-    keys = ('grad_avg', 'sqr_avg') if mom != 0 else ('sqr_avg',)
-    return FXOptimizer(params, [rmsprop_step], rmsprop_foreach_step, state_keys=keys, path=path,
-                       checks=RMSPROP_CHECKS, eightbit=RMSPROP_8BIT, eightbit_args=args, fused=RMSPROP_FUSED, lr=lr,
-                       **hypers)
 
 rmsprop = opt_partial(RMSProp)

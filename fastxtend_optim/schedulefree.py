@@ -15,9 +15,10 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, LRFinder
 from .core import (FXOptimizer, local_tensor, select_path, unit_interval, non_negative, percentile_range, opt_partial,
                                   foreach_mul_)
-from .eightbit import no_eightbit
+from .eightbit import NO_KERNEL
 from .fused import FusedSpec
 from .lowprec import KAHAN_KEY, working_weights, store_weights
+from .declare import declare
 
 # %% auto #0
 __all__ = ['SCHEDULEFREE_FUSED', 'SCHEDULEFREE_CHECKS', 'schedulefree_adamw', 'sf_lr', 'sf_weight', 'sf_advance_', 'sf_numbers',
@@ -206,18 +207,12 @@ class ScheduleFreeOptimizer(FXOptimizer):
         self.train_mode = bool(mode)
 
 # %% ../nbs/26_schedulefree.ipynb #6d79c67a
+@declare(steppers=[schedulefree_step], foreach=schedulefree_foreach_step, state_keys=('z', 'exp_avg_sq'),
+         checks=SCHEDULEFREE_CHECKS, fused=SCHEDULEFREE_FUSED, own_decay=True, no_eightbit=NO_KERNEL,
+         optimizer=ScheduleFreeOptimizer)
 def ScheduleFreeAdamW(params, lr:float, beta1:float=0.9, beta2:float=0.999, eps:float=1e-8, wd:float=0.,
-                      warmup_steps:int=0, r:float=0., weight_lr_power:float=2., foreach:bool|None=None, fused:bool=False,
-                      state_bits:int=32,
-                      kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100, **kwargs) -> ScheduleFreeOptimizer:
+                      warmup_steps:int=0, r:float=0., weight_lr_power:float=2.) -> ScheduleFreeOptimizer:
     "A fastai `Optimizer` for Schedule-Free AdamW on the native, ForEach or fused path; `train()`/`eval()` switch weights"
-    no_eightbit('ScheduleFreeAdamW', eightbit, kwargs, SCHEDULEFREE_CHECKS)
-    return ScheduleFreeOptimizer(params, [schedulefree_step], schedulefree_foreach_step, state_keys=('z', 'exp_avg_sq'),
-                                 path=select_path(foreach, False, fused), checks=SCHEDULEFREE_CHECKS,
-                                 fused=SCHEDULEFREE_FUSED, own_decay=True, lr=lr, beta1=beta1, beta2=beta2, eps=eps, wd=wd,
-                                 warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
-                                 percentile_clipping=percentile_clipping, state_bits=state_bits,
-                                 kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/26_schedulefree.ipynb #c67fc89e
 schedulefree_adamw = opt_partial(ScheduleFreeAdamW)

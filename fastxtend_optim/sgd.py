@@ -12,10 +12,11 @@ from .core import opt_partial, FXOptimizer, check_hypers, select_path, unit_inte
 from .eightbit import EightBitSpec, eightbit_args, update_tensor
 from .fused import FusedSpec
 from .lars import lars_damping, check_nesterov, lars_update, boolean
+from .declare import declare
 
 # %% auto #0
 __all__ = ['SGD_FUSED', 'SGD_8BIT', 'SGD_CHECKS', 'sgd', 'sgd_step', 'sgd_foreach_step', 'sgd_update', 'sgd_scalars',
-           'sgd_eightbit_group', 'SGD']
+           'sgd_eightbit_group', 'refuse_eightbit_plain_sgd', 'SGD']
 
 # %% ../nbs/13_sgd.ipynb #6e6e228d
 def sgd_step(p:Tensor, grad:Tensor, step:int, lr:float, mom:float, dampening:float, nesterov:bool,
@@ -25,8 +26,6 @@ def sgd_step(p:Tensor, grad:Tensor, step:int, lr:float, mom:float, dampening:flo
         grad_avg.mul_(mom).add_(grad, alpha=lars_damping(step, mom, dampening))
         grad = grad.add(grad_avg, alpha=mom) if nesterov else grad_avg
     p.add_(grad, alpha=-lr)
-
-sgd_step.defaults = dict(mom=0., dampening=0., nesterov=False)
 
 # %% ../nbs/13_sgd.ipynb #b09c098a
 def sgd_foreach_step(params:list[Tensor], grads:list[Tensor], step:list[int], lr:float, mom:float, dampening:float,
@@ -70,28 +69,18 @@ SGD_8BIT = EightBitSpec('momentum', kernel_wd=None, group_step=sgd_eightbit_grou
 SGD_CHECKS = dict(mom=unit_interval, dampening=unit_interval, nesterov=boolean, decouple_wd=boolean,
                   percentile_clipping=percentile_range)
 
-def _sgd_args(hypers:dict, foreach, eightbit, fused, eightbitargs) -> tuple:
-    "Check the hypers, torch's Nesterov rule and the 8-bit path's need for momentum; the path and 8-bit options"
-    check_hypers(SGD_CHECKS, **hypers)
-    check_nesterov(hypers)
-    path = select_path(foreach, eightbit, fused)  # exclusive paths are reported first
-    if eightbit is True and hypers['mom'] == 0:
+def refuse_eightbit_plain_sgd(args:dict, eightbit:bool):
+    "The 8-bit path stores the momentum buffer in 8 bits: plain SGD has none"
+    if eightbit is True and args['mom'] == 0:
         raise ValueError("`eightbit=True` needs `mom` > 0: the 8-bit path stores the momentum buffer in 8 bits, and "
                          "plain SGD has none (bitsandbytes' SGD8bit refuses momentum=0 too). Pass `mom` > 0, or "
                          "take the ForEach or fused path for plain SGD")
-    return path, eightbit_args(eightbit, SGD_CHECKS, **eightbitargs)
 
-def SGD(params, lr:float, mom:float=0., wd:float=0., decouple_wd:bool=True, dampening:float=0., nesterov:bool=False,
-        foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-        kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
-        **eightbitargs) -> FXOptimizer:
+@declare(steppers=[sgd_step], foreach=sgd_foreach_step, checks=SGD_CHECKS, group_check=check_nesterov, fused=SGD_FUSED,
+         eightbit=SGD_8BIT, refuse=refuse_eightbit_plain_sgd,
+         shape=lambda args: dict(state_keys=('grad_avg',) if args['mom'] != 0 else ()))
+def SGD(params, lr:float, mom:float=0., wd:float=0., decouple_wd:bool=True, dampening:float=0.,
+        nesterov:bool=False) -> FXOptimizer:
     "A fastai `Optimizer` for SGD, with momentum when `mom` > 0, on the native, ForEach, fused or bitsandbytes path"
-    hypers = dict(mom=mom, wd=wd, decouple_wd=decouple_wd, dampening=dampening, nesterov=nesterov,
-                  percentile_clipping=percentile_clipping, state_bits=state_bits,
-                  kahan_sum=kahan_sum, stochastic_round=stochastic_round)
-    path, args = _sgd_args(hypers, foreach, eightbit, fused, eightbitargs)
-    return FXOptimizer(params, [sgd_step], sgd_foreach_step, state_keys=('grad_avg',) if mom != 0 else (),
-                       path=path, checks=SGD_CHECKS, group_check=check_nesterov, eightbit=SGD_8BIT,
-                       eightbit_args=args, fused=SGD_FUSED, lr=lr, **hypers)
 
 sgd = opt_partial(SGD)

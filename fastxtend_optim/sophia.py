@@ -18,8 +18,9 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.losses import BaseLoss, LabelSmoothingCrossEntropy
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
                                   gather_groups, init_state, positive, foreach_mul_, local_tensor, shard_group)
-from .eightbit import no_eightbit
+from .eightbit import NO_KERNEL
 from .fused import FusedSpec
+from .declare import declare
 
 # %% auto #0
 __all__ = ['SOPHIA_FUSED', 'SOPHIA_CHECKS', 'sophia', 'sophia_step', 'sophia_hessian_step', 'sophia_foreach_step',
@@ -33,8 +34,6 @@ def sophia_step(p:Tensor, grad:Tensor, lr:float, mom:float, rho:float, eps:float
     grad_avg.mul_(mom).add_(grad, alpha=1 - mom)
     u = grad_avg.div(torch.maximum(hessian.mul(rho).add_(eps), grad_avg.abs()))
     p.sub_(u.mul_(lr))
-
-sophia_step.defaults = dict(mom=0.965, rho=0.04, eps=1e-15)
 
 def sophia_hessian_step(hessian:Tensor, grad:Tensor, sqr_mom:float):
     "Fold one Hessian estimate `grad`² into the EMA `hessian`, in place"
@@ -85,16 +84,11 @@ class SophiaOptimizer(FXOptimizer):
 SOPHIA_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, rho=non_negative, eps=positive,
                      percentile_clipping=percentile_range)
 
-def Sophia(params, lr:float, mom:float=0.965, sqr_mom:float=0.99, rho:float=0.04, eps:float=1e-15, wd:float=0.1,
-           foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-           kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False, percentile_clipping:float=100,
-           **kwargs) -> SophiaOptimizer:
+@declare(steppers=[sophia_step], foreach=sophia_foreach_step, state_keys=('grad_avg', 'hessian'),
+         checks=SOPHIA_CHECKS, fused=SOPHIA_FUSED, no_eightbit=NO_KERNEL, optimizer=SophiaOptimizer)
+def Sophia(params, lr:float, mom:float=0.965, sqr_mom:float=0.99, rho:float=0.04, eps:float=1e-15,
+           wd:float=0.1) -> SophiaOptimizer:
     "A fastai `Optimizer` for Sophia (SophiaG) on the native, ForEach or fused path; add `SophiaCallback` to a Learner"
-    no_eightbit('Sophia', eightbit, kwargs, SOPHIA_CHECKS)
-    return SophiaOptimizer(params, [sophia_step], sophia_foreach_step, state_keys=('grad_avg', 'hessian'),
-                           path=select_path(foreach, False, fused), checks=SOPHIA_CHECKS, fused=SOPHIA_FUSED, lr=lr,
-                           mom=mom, sqr_mom=sqr_mom, rho=rho, eps=eps, wd=wd, percentile_clipping=percentile_clipping, state_bits=state_bits,
-                           kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/24_sophia.ipynb #4922322d
 sophia = opt_partial(Sophia)

@@ -12,8 +12,9 @@ from torch import Tensor
 from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, boolean,
                                   opt_partial, cautious_, steps_runs, foreach_mul_)
 from .core import is_sharded, whole_sums, whole_sums_of, cautious_counts, apply_cautious_
-from .eightbit import no_eightbit
+from .eightbit import NO_KERNEL
 from .fused import FusedSpec, uncautious
+from .declare import declare
 
 
 # %% auto #0
@@ -47,8 +48,6 @@ def stableadamw_step(p:Tensor, grad:Tensor, grad_avg:Tensor, sqr_avg:Tensor, ste
     denom = sqr_avg.sqrt().add_(eps)
     if cautious: p.add_(cautious_(grad_avg / denom, grad), alpha=-lr)
     else: p.addcdiv_(grad_avg, denom, value=-lr)
-
-stableadamw_step.defaults = dict(mom=0.9, sqr_mom=0.99, eps=1e-6, wd=0.01)
 
 # %% ../nbs/22_stableadamw.ipynb #8eff9548
 def stable_sums(grads:list[Tensor], denom:list[Tensor], eps:float) -> Tensor:
@@ -124,17 +123,11 @@ STABLEADAMW_CHECKS = dict(mom=unit_interval, sqr_mom=unit_interval, eps=non_nega
                           percentile_clipping=percentile_range)
 
 # %% ../nbs/22_stableadamw.ipynb #319e8486
+@declare(steppers=[stableadamw_step], foreach=stableadamw_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
+         checks=STABLEADAMW_CHECKS, fused=STABLEADAMW_FUSED, own_decay=True, no_eightbit=NO_KERNEL)
 def StableAdamW(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-6, wd:float=0.01,
-                cautious:bool=False, foreach:bool|None=None, fused:bool=False, state_bits:int=32,
-                kahan_sum:bool|None=None, stochastic_round:bool=False, eightbit:bool=False,
-                percentile_clipping:float=100, **kwargs) -> FXOptimizer:
+                cautious:bool=False) -> FXOptimizer:
     "A fastai `Optimizer` for StableAdamW (optionally Cautious) on the native, ForEach or fused path"
-    no_eightbit('StableAdamW', eightbit, kwargs, STABLEADAMW_CHECKS)
-    return FXOptimizer(params, [stableadamw_step], stableadamw_foreach_step, state_keys=('grad_avg', 'sqr_avg'),
-                       path=select_path(foreach, False, fused), checks=STABLEADAMW_CHECKS, fused=STABLEADAMW_FUSED,
-                       own_decay=True, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, cautious=cautious,
-                       percentile_clipping=percentile_clipping, state_bits=state_bits,
-                       kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 # %% ../nbs/22_stableadamw.ipynb #954a187a
 stableadamw = opt_partial(StableAdamW)

@@ -2,33 +2,14 @@
 import pickle
 import pytest
 import torch
-from fastxtend_optim.lion import Lion
-from fastxtend_optim.adam import Adam
-from fastxtend_optim.lars import Lars
 from functools import partial
-from fastxtend_optim.sgd import SGD
-from fastxtend_optim.rmsprop import RMSProp
-from fastxtend_optim.adagrad import Adagrad
-from fastxtend_optim.radam import RAdam
-from fastxtend_optim.qhadam import QHAdam
-from fastxtend_optim.lamb import Lamb
-from fastxtend_optim.ademamix import AdEMAMix
-from fastxtend_optim.lookahead import Ranger
-from fastxtend_optim.adan import Adan
-from fastxtend_optim.stableadamw import StableAdamW
-from fastxtend_optim.adopt import ADOPT
-from fastxtend_optim.sophia import Sophia
-from fastxtend_optim.muon import Muon
-from fastxtend_optim.schedulefree import ScheduleFreeAdamW
+from fastxtend_optim.registry import REGISTRY
 from conftest import (assert_bf16_tracks_fp32, make_params, run, fx_groups, roundtrip, assert_close_lists, PATH_KWARGS,
                       LRS, NO_WD)
 
-OPTIMIZERS = {'lion': Lion, 'adam': Adam, 'lars': Lars, 'sgd': partial(SGD, mom=0.9), 'rmsprop': RMSProp, 'adagrad': Adagrad,
-              'radam': RAdam, 'qhadam': QHAdam, 'lamb': Lamb, 'ademamix': AdEMAMix, 'ranger': Ranger, 'adan': Adan,
-              'stableadamw': StableAdamW, 'adopt': ADOPT,
-              'sophia': Sophia, 'muon': Muon, 'schedulefree_adamw': ScheduleFreeAdamW}
-NO_EIGHTBIT = {'radam', 'qhadam', 'ranger', 'adan', 'stableadamw', 'adopt', 'sophia', 'muon',
-               'schedulefree_adamw'}  # no bitsandbytes kernel fits their update
+TEST_KWARGS = {'sgd': dict(mom=0.9)}  # the settings these tests want beyond the defaults
+OPTIMIZERS = {n: partial(e.factory, **TEST_KWARGS.get(n, {})) for n, e in REGISTRY.items()}
+NO_EIGHTBIT = {n for n, e in REGISTRY.items() if 'eightbit' not in e.paths}
 PATHS = list(PATH_KWARGS)
 CASES = [(o, p) for o in OPTIMIZERS for p in PATHS if not (o in NO_EIGHTBIT and p == 'eightbit')]
 
@@ -102,8 +83,9 @@ def test_checkpoint_moves_native_fused_foreach(name):
 
 
 @pytest.mark.parametrize('name', sorted(NO_EIGHTBIT))
-def test_eightbit_is_refused_naming_the_optimizers_that_have_it(name):
-    with pytest.raises(ValueError, match='Lion, Adam, LARS, SGD, RMSProp, Adagrad, LAMB and AdEMAMix'):
+def test_eightbit_is_refused_with_the_reason_and_the_fused_low_bit_state(name):
+    why = REGISTRY[name].declaration.no_eightbit
+    with pytest.raises(ValueError, match=f'{REGISTRY[name].factory.__name__} has no 8-bit path: {why}.*state_bits=8'):
         OPTIMIZERS[name]([torch.zeros(3, requires_grad=True)], lr=1e-3, eightbit=True)
 
 
