@@ -15,59 +15,52 @@ import pandas as pd
 import torch
 from fastcore.script import call_parse
 from fastprogress.fastprogress import progress_bar
-from .lion import Lion, lion, lion_step
-from .adam import Adam, adam
-from .lars import Lars, lars
-from .sgd import SGD, sgd
-from .rmsprop import RMSProp, rmsprop
-from .adagrad import Adagrad, adagrad
-from .radam import RAdam, radam
-from .qhadam import QHAdam, qhadam
-from .lamb import Lamb, lamb
-from .ademamix import AdEMAMix, ademamix
-from .lookahead import Ranger, ranger
-from .adan import Adan, adan
-from .stableadamw import StableAdamW, stableadamw
-from .adopt import ADOPT, adopt
-from .sophia import Sophia, sophia, SophiaCallback
-from .muon import Muon
-from .schedulefree import ScheduleFreeAdamW, schedulefree_adamw, ScheduleFreeCallback
+from .lion import lion_step
+from .sophia import SophiaCallback
+from .schedulefree import ScheduleFreeCallback
+from .registry import REGISTRY
 from .demo import digits_dls, digits_learner, PATH_FUNCS
 from .profiler import markdown_table  # also patches `Learner.profile`
 
 # %% auto #0
-__all__ = ['PATHS', 'NO_EIGHTBIT', 'OPTIMIZERS', 'LOWBIT_PATHS', 'RUN_PATHS', 'SIZES', 'MODEL_OPTS', 'MEMORY_OPTS', 'ADAM_KW',
+__all__ = ['PATHS', 'BENCH_SETTINGS', 'OPTIMIZERS', 'LOWBIT_PATHS', 'RUN_PATHS', 'SIZES', 'MODEL_OPTS', 'MEMORY_OPTS', 'ADAM_KW',
            'SA_KW', 'FASTAI', 'BNB', 'OPTIMI', 'TORCHAO', 'STEP_HYPERS', 'PEERS', 'COMPILE_NOTE', 'PRECOMPILE_SHAPES',
-           'has_path', 'BenchError', 'fail', 'check_choices', 'check_positive', 'resolve_device', 'check_eightbit',
-           'launched', 'per_process', 'warmup_batches', 'train_runs', 'speedup_table', 'model_shapes',
+           'bench_entry', 'has_path', 'BenchError', 'fail', 'check_choices', 'check_positive', 'resolve_device',
+           'check_eightbit', 'launched', 'per_process', 'warmup_batches', 'train_runs', 'speedup_table', 'model_shapes',
            'synthetic_params', 'fastai_lion_step', 'TorchMuonAdamW', 'step_implementations', 'FloorCopy', 'state_bytes',
            'step_table', 'fxo_bench', 'run_bench', 'precompile_fused', 'hardware', 'model_header']
 
 # %% ../nbs/42_bench.ipynb #8f60cae0
 PATHS = tuple(PATH_FUNCS)
-NO_EIGHTBIT = tuple(p for p in PATHS if p != 'eightbit')
-OPTIMIZERS = {  # factory, partial for the digits Learner and its peak lr, bytes an fp32 update moves, paths
-    'lion': dict(opt=Lion, partial=lion, lr=3e-3, bytes=20),
-    'adam': dict(opt=Adam, partial=adam, lr=3e-3, bytes=28),
-    'lars': dict(opt=Lars, partial=lambda **kw: lars(clip=True, **kw), lr=1., bytes=28),
-    'sgd': dict(opt=SGD, partial=lambda **kw: sgd(mom=0.9, **kw), lr=0.1, bytes=20),
-    'rmsprop': dict(opt=RMSProp, partial=rmsprop, lr=3e-3, bytes=20),
-    'adagrad': dict(opt=Adagrad, partial=adagrad, lr=3e-2, bytes=20),
-    'radam': dict(opt=RAdam, partial=radam, lr=1e-2, bytes=28, paths=NO_EIGHTBIT),
-    'qhadam': dict(opt=QHAdam, partial=qhadam, lr=3e-3, bytes=28, paths=NO_EIGHTBIT),
-    'lamb': dict(opt=Lamb, partial=lamb, lr=3e-2, bytes=44),
-    'ademamix': dict(opt=AdEMAMix, partial=ademamix, lr=3e-3, bytes=36),
-    'ranger': dict(opt=Ranger, partial=ranger, lr=3e-2, bytes=28, paths=NO_EIGHTBIT),  # + 16/k for the slow weights,
-    'adan': dict(opt=Adan, partial=adan, lr=1e-2, bytes=44, paths=NO_EIGHTBIT),
-    'stableadamw': dict(opt=StableAdamW, partial=stableadamw, lr=3e-3, bytes=28, paths=NO_EIGHTBIT),
-    'adopt': dict(opt=ADOPT, partial=adopt, lr=3e-3, bytes=28, paths=NO_EIGHTBIT),
-    'sophia': dict(opt=Sophia, partial=sophia, lr=3e-3, bytes=24, paths=NO_EIGHTBIT, cbs=lambda: [SophiaCallback(k=10)]),
-    'muon': dict(opt=Muon, partial=lambda **kw: partial(Muon, muon=[None, False], **kw), lr=2e-2, bytes=20,
-                 paths=NO_EIGHTBIT),  # the digits head (group 1) takes AdamW; bytes: the element-wise part only
-    'schedulefree_adamw': dict(opt=ScheduleFreeAdamW, lr=5e-3, bytes=28, paths=NO_EIGHTBIT, fit='fit',
-                               partial=lambda **kw: schedulefree_adamw(warmup_steps=20, wd=0.01, **kw),
+BENCH_SETTINGS = {  # per registry optimizer: the digits Learner's peak lr, bytes an fp32 update moves, and any
+    'lion': dict(lr=3e-3, bytes=20),            # keywords (`kw`, `group_kw` per group), callbacks or fit its run needs
+    'adam': dict(lr=3e-3, bytes=28),
+    'lars': dict(lr=1., bytes=28, kw=dict(clip=True)),
+    'sgd': dict(lr=0.1, bytes=20, kw=dict(mom=0.9)),
+    'rmsprop': dict(lr=3e-3, bytes=20),
+    'adagrad': dict(lr=3e-2, bytes=20),
+    'radam': dict(lr=1e-2, bytes=28),
+    'qhadam': dict(lr=3e-3, bytes=28),
+    'lamb': dict(lr=3e-2, bytes=44),
+    'ademamix': dict(lr=3e-3, bytes=36),
+    'ranger': dict(lr=3e-2, bytes=28),  # + 16/k for the slow weights, every k steps
+    'adan': dict(lr=1e-2, bytes=44),
+    'stableadamw': dict(lr=3e-3, bytes=28),
+    'adopt': dict(lr=3e-3, bytes=28),
+    'sophia': dict(lr=3e-3, bytes=24, cbs=lambda: [SophiaCallback(k=10)]),
+    'muon': dict(lr=2e-2, bytes=20, group_kw=dict(muon=[None, False])),  # the digits head (group 1) takes AdamW; bytes: the
+    'schedulefree_adamw': dict(lr=5e-3, bytes=28, fit='fit', kw=dict(warmup_steps=20, wd=0.01),  # element-wise part
                                cbs=lambda: [ScheduleFreeCallback()]),
 }
+
+def bench_entry(name:str) -> dict:
+    "The registry's optimizer `name` with its settings: factory, partial for the digits Learner, lr, bytes, paths"
+    e, s = REGISTRY[name], dict(BENCH_SETTINGS[name])
+    kw, group_kw = s.pop('kw', {}), s.pop('group_kw', None)  # per-group lists skip the partial's one-tensor check
+    make = (lambda **k: partial(e.factory, **group_kw, **k)) if group_kw else (lambda **k: e.partial(**kw, **k))
+    return dict(opt=e.factory, partial=make, paths=e.paths, **s)
+
+OPTIMIZERS = {n: bench_entry(n) for n in REGISTRY if n in BENCH_SETTINGS}  # a test checks that none is missing
 
 LOWBIT_PATHS = {f'fused{b}': dict(fused=True, state_bits=b) for b in (16, 8, 4)}  # the fused path with low-bit state
 RUN_PATHS = {**PATH_FUNCS, **LOWBIT_PATHS}

@@ -146,3 +146,10 @@ def test_step_under_a_launcher_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv('WORLD_SIZE', '2')
     with pytest.raises(bench.BenchError, match='`step` times opt.step\\(\\) in one process, and 2 were launched'):
         run_in_process(tmp_path, mode='step')
+
+
+def test_every_registered_optimizer_has_bench_settings():
+    "fxo-bench's list is the registry's: a registered optimizer without its digits lr and bytes would be left out"
+    from fastxtend_optim.registry import REGISTRY
+    assert sorted(bench.BENCH_SETTINGS) == sorted(REGISTRY)
+    assert all(bench.OPTIMIZERS[n]['paths'] == e.paths for n, e in REGISTRY.items())

@@ -11,7 +11,7 @@ TEST_KWARGS = {'sgd': dict(mom=0.9)}  # the settings these tests want beyond the
 OPTIMIZERS = {n: partial(e.factory, **TEST_KWARGS.get(n, {})) for n, e in REGISTRY.items()}
 NO_EIGHTBIT = {n for n, e in REGISTRY.items() if 'eightbit' not in e.paths}
 PATHS = list(PATH_KWARGS)
-CASES = [(o, p) for o in OPTIMIZERS for p in PATHS if not (o in NO_EIGHTBIT and p == 'eightbit')]
+CASES = [(n, p) for n, e in REGISTRY.items() for p in e.paths]
 
 
 @pytest.mark.parametrize('name,path', CASES)
