@@ -8,10 +8,11 @@ Docs: https://fastxtend.github.io/fastxtend_optim/adagrad.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
-from .core import opt_partial, FXOptimizer, check_hypers, select_path, non_negative, percentile_range
-from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
+from .base import non_negative, percentile_range
+from .core import opt_partial, FXOptimizer
+from .eightbit import EightBitSpec, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec
-from .lars import boolean
+from .base import boolean
 from .declare import declare
 
 # %% auto #0

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 from fastai.optimizer import debias
 from typing import Callable
-from .core import (opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range,
-                                  boolean, cautious_, cautious_foreach_, check_cautious, foreach_mul_)
-from .eightbit import EightBitSpec, eightbit_args
+from .base import (unit_interval, non_negative, percentile_range, boolean, cautious_,
+                                  cautious_foreach_, foreach_mul_)
+from .core import opt_partial, FXOptimizer
+from .eightbit import EightBitSpec
 from .fused import FusedSpec, uncautious
 from .declare import declare
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from typing import Callable
-from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  boolean, steps_runs, cautious_, cautious_foreach_, check_cautious, foreach_mul_)
+from .base import (unit_interval, non_negative, percentile_range, boolean, steps_runs, cautious_,
+                                  cautious_foreach_, foreach_mul_)
+from .core import FXOptimizer, opt_partial
 from .eightbit import NO_KERNEL
 from .fused import FusedSpec, uncautious
 from .declare import declare

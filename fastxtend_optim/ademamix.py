@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import torch
 from torch import Tensor
-from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range, foreach_mul_
-from .eightbit import EightBitSpec, eightbit_args, update_tensor
+from .base import unit_interval, non_negative, percentile_range, foreach_mul_
+from .core import opt_partial, FXOptimizer
+from .eightbit import EightBitSpec, update_tensor
 from .fused import FusedSpec
 from .declare import declare
 

@@ -8,9 +8,9 @@ Docs: https://fastxtend.github.io/fastxtend_optim/adopt.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
-from .core import (
-    FXOptimizer, select_path, unit_interval, boolean, percentile_range, opt_partial, cautious_, cautious_foreach_, positive,
-    steps_runs, foreach_mul_)
+from .base import (unit_interval, boolean, percentile_range, cautious_, cautious_foreach_, positive,
+                                  steps_runs, foreach_mul_)
+from .core import FXOptimizer, opt_partial
 from .eightbit import NO_KERNEL
 from .fused import FusedSpec
 from .declare import declare

@@ -17,12 +17,13 @@ from .lowbit import tensor_state_bits
 
 # %% auto #0
 __all__ = ['GNORM_HISTORY', 'FOREACH_CPU_CHUNK', 'PATHS', 'non_negative', 'positive', 'unit_interval', 'closed_unit_interval',
-           'boolean', 'percentile_range', 'check_hypers', 'our_keywords', 'refuse_foreign_keywords', 'TensorGroup',
-           'tensor_bits', 'gather_groups', 'local_tensor', 'shard_group', 'sharded_over', 'is_sharded', 'whole_sums',
-           'whole_sums_of', 'whole_norms', 'stacked_norms', 'whole_norm', 'steps_runs', 'init_state', 'foreach_mul_',
-           'weight_decay_', 'cautious_', 'cautious_counts', 'apply_cautious_', 'cautious_foreach_', 'check_cautious',
-           'percentile_scales', 'scale_grads', 'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params',
-           'plain_number']
+           'boolean', 'optional_non_negative', 'optional_bool', 'positive_unit_interval', 'non_negative_int',
+           'non_positive', 'finite_number', 'optional_unit_interval', 'percentile_range', 'check_hypers',
+           'our_keywords', 'refuse_foreign_keywords', 'TensorGroup', 'tensor_bits', 'gather_groups', 'local_tensor',
+           'shard_group', 'sharded_over', 'is_sharded', 'whole_sums', 'whole_sums_of', 'whole_norms', 'stacked_norms',
+           'whole_norm', 'steps_runs', 'init_state', 'foreach_mul_', 'weight_decay_', 'cautious_', 'cautious_counts',
+           'apply_cautious_', 'cautious_foreach_', 'check_cautious', 'percentile_scales', 'scale_grads',
+           'clip_by_percentile', 'foreach_chunks', 'select_path', 'check_params', 'plain_number']
 
 # %% ../nbs/00_base.ipynb #85b45c8e
 def _is_number(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -47,6 +48,35 @@ def boolean(name:str, v):
     "Raise unless `v` is a bool"
     if not isinstance(v, bool): raise ValueError(f"`{name}` must be a bool, got {v!r}")
 
+def optional_non_negative(name:str, v):
+    "Raise unless `v` is `None` or a number >= 0"
+    if v is not None: non_negative(name, v)
+
+def optional_bool(name:str, v):
+    "Raise unless `v` is `None` or a bool"
+    if v is not None and not isinstance(v, bool): raise ValueError(f"`{name}` must be None, True or False, got {v!r}")
+
+def positive_unit_interval(name:str, v):
+    "Raise unless `v` is in (0, 1)"
+    if not (_is_number(v) and 0 < v < 1): raise ValueError(f"`{name}` must be in (0, 1), got {v!r}")
+
+def non_negative_int(name:str, v):
+    "Raise unless `v` is an integer >= 0"
+    if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0):
+        raise ValueError(f"`{name}` must be an integer >= 0, got {v!r}")
+
+def non_positive(name:str, v):
+    "Raise unless `v` is a finite number <= 0"
+    if not (_is_number(v) and v <= 0): raise ValueError(f"`{name}` must be a finite number <= 0, got {v!r}")
+
+def finite_number(name:str, v):
+    "Raise unless `v` is a finite number"
+    if not _is_number(v): raise ValueError(f"`{name}` must be a finite number, got {v!r}")
+
+def optional_unit_interval(name:str, v):
+    "Raise unless `v` is `None` or in [0, 1)"
+    if v is not None: unit_interval(name, v)
+
 def percentile_range(name:str, v):
     "Raise unless `v` is in (0, 100]"
     if not (_is_number(v) and 0 < v <= 100): raise ValueError(f"`{name}` must be in (0, 100], got {v!r}")
@@ -68,8 +98,9 @@ def our_keywords(name:str, hyper_names) -> list[str]|None:
     names = set(hyper_names)
     if name == 'weight_decay': return ['wd']
     if name == 'momentum': return ['mom']
+    if name == 'eps' and 'eps' not in names and {'eps1', 'eps2'} <= names: return ['eps1', 'eps2']  # Adafactor, CAME
     if name == 'betas':
-        for ours in (['mom', 'sqr_mom'], ['beta1', 'beta2'], ['mom']):
+        for ours in (['mom', 'sqr_mom'], ['beta1', 'beta2', 'beta3'], ['beta1', 'beta2'], ['mom']):
             if set(ours) <= names: return ours
         return None
     if name == 'alpha' and 'sqr_mom' in names: return ['sqr_mom']  # torch's RMSprop smoothing constant

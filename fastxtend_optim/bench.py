@@ -51,6 +51,7 @@ BENCH_SETTINGS = {  # per registry optimizer: the digits Learner's peak lr, byte
     'muon': dict(lr=2e-2, bytes=20, group_kw=dict(muon=[None, False])),  # the digits head (group 1) takes AdamW; bytes: the
     'schedulefree_adamw': dict(lr=5e-3, bytes=28, fit='fit', kw=dict(warmup_steps=20, wd=0.01),  # element-wise part
                                cbs=lambda: [ScheduleFreeCallback()]),
+    'prodigy': dict(lr=1., bytes=40),  # lr multiplies the estimated step size d; + the d pre-pass's reads
 }
 
 def bench_entry(name:str) -> dict:

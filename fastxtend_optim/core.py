@@ -149,12 +149,21 @@ class FXOptimizer(Optimizer):
         "Each of `keys` (`state_keys`) as a list over `group`'s tensors, created where missing (see `state_init`)"
         return {key: init_state(group, key, self.state_init.get(key, torch.zeros_like)) for key in (self.state_keys if keys is None else keys)}
 
+    def state_shape(self, p:Tensor, key:str) -> torch.Size:
+        """A hook: the shape of `p`'s state `key`, which a loaded checkpoint must match. Element-wise state is shaped like
+        `p` (a complex one as its real view); factored state (Adafactor's row and column averages) says its own"""
+        return torch.view_as_real(p).shape if p.is_complex() else p.shape
+
     def check_param_groups(self):
         """A hook: raise a `ValueError` for param groups this optimizer refuses (Muon: a tensor that is not 2-D sent to
         Muon). It runs when the optimizer is built and after every `set_hyper`, which then restores the hypers"""
 
     def prepare_group(self, group:TensorGroup):
         "A hook: work on `group` once per step, after its step counts and before any path (Schedule-Free's schedule)"
+
+    def prepare_step(self, groups:list[TensorGroup], scales:list[list[Tensor]|None]):
+        """A hook: work once per step on all the tensor groups that step, each with its clipping factors (`scales`), after
+        every group's `prepare_group` and before any group's path: a sum over the whole model (Prodigy's d)"""
 
     def split_group(self, group:TensorGroup, scales:list[Tensor]|None) -> list[tuple]:
         """A hook: `group` as parts `(TensorGroup, its scales, math)`. The path steps a part whose `math` is `None`; any
@@ -203,14 +212,21 @@ class FXOptimizer(Optimizer):
     def step_tensors(self, members:list[tuple[int, Tensor]]|None):
         """Step the `(param group index, parameter)` pairs of `members` that have a gradient (all parameters when `None`):
         gradient release steps each tensor, or fused group, as its gradients arrive"""
-        for group in gather_groups(self, members):
-            with sharded_over(group.shard_group): self._step_group(group)
+        groups = gather_groups(self, members)
+        scales = [self._start_group(group) for group in groups]
+        self.prepare_step(groups, scales)
+        for group, group_scales in zip(groups, scales):
+            with sharded_over(group.shard_group): self._step_group(group, group_scales)
 
-    def _step_group(self, group:TensorGroup):
-        "Step one tensor group: its step counts, `prepare_group`, clipping's factors, then each part on its path"
-        for state in group.states: state['step'] = state.get('step', 0) + 1
-        self.prepare_group(group)
-        scales = percentile_scales(group.grads, group.states, group.hyper.get('percentile_clipping', 100))
+    def _start_group(self, group:TensorGroup) -> list[Tensor]|None:
+        "One tensor group's step counts and `prepare_group`; returns clipping's factors"
+        with sharded_over(group.shard_group):
+            for state in group.states: state['step'] = state.get('step', 0) + 1
+            self.prepare_group(group)
+            return percentile_scales(group.grads, group.states, group.hyper.get('percentile_clipping', 100))
+
+    def _step_group(self, group:TensorGroup, scales:list[Tensor]|None):
+        "Step one tensor group, started by `_start_group`: each part on its path"
         for part, part_scales, math in self.split_group(group, scales):
             if not part.params: continue
             if math is None: self.runner.step(self, part, part_scales)
@@ -331,13 +347,12 @@ class FXOptimizer(Optimizer):
 
     def _check_state_shapes(self, states):
         "Refuse saved state whose tensors are not shaped like their parameters (as real views for complex ones)"
-        params = [p for p, *_ in self.all_params()]
+        params, keys = [p for p, *_ in self.all_params()], dict.fromkeys(self.state_keys + tuple(self.state_init))
         for i, (p, s) in enumerate(zip(params, states)):
             p = local_tensor(p)  # a sharded parameter's state is its shard's
-            shape = torch.view_as_real(p).shape if p.is_complex() else p.shape
-            for k in self.state_keys:
+            for k in keys:
                 if absmax_key(k) in s: continue  # low-bit codes: `saved_format` checked them
-                if k in s and isinstance(s[k], Tensor) and s[k].shape != shape:
+                if k in s and isinstance(s[k], Tensor) and s[k].shape != (shape := self.state_shape(p, k)):
                     raise ValueError(f"saved state {k!r} of parameter {i} has shape {tuple(s[k].shape)}, "
                                      f"the parameter {tuple(shape)}")
 

@@ -79,7 +79,7 @@ class Declaration:
     def path_and_args(self, foreach, fused, eightbit, extra:dict) -> tuple:
         "The path, and the checked 8-bit options (`None` off the 8-bit path)"
         if self.eightbit is None:
-            no_eightbit(self.name, eightbit, extra, self.checks, self.no_eightbit)
+            no_eightbit(self.name, eightbit, extra, self.checks, self.no_eightbit, self.fused is not None)
             return select_path(foreach, False, fused), None
         return select_path(foreach, eightbit, fused), eightbit_args(eightbit, self.checks, **extra)
 

@@ -87,16 +87,16 @@ def eightbit_args(eightbit:bool, hyper_names=(), **kwargs) -> EightBitArgs|None:
 # %% ../nbs/01_eightbit.ipynb #e1b0a7e4
 NO_KERNEL = 'no bitsandbytes kernel computes its update'
 
-def no_eightbit(name:str, eightbit, kwargs:dict|None=None, hyper_names=(), why:str=NO_KERNEL):
+def no_eightbit(name:str, eightbit, kwargs:dict|None=None, hyper_names=(), why:str=NO_KERNEL, has_fused:bool=True):
     "Refuse `eightbit=True` and 8-bit options for `name`, for reason `why`; name ours for torch's keywords"
+    hint = " The fused path quantizes its state instead: `fused=True, state_bits=8`." if has_fused else ""
     kwargs = kwargs or {}
     refuse_foreign_keywords(sorted(kwargs), hyper_names)
     unknown = sorted(set(kwargs) - set(EightBitArgs.__dataclass_fields__))
     if unknown: raise TypeError(f"{name} got unexpected keyword arguments {unknown}")
     if not isinstance(eightbit, bool): raise ValueError(f"`eightbit` must be a bool, got {eightbit!r}")
     if eightbit or kwargs:
-        raise ValueError(f"{name} has no 8-bit path{' for ' + str(sorted(kwargs)) if kwargs else ''}: {why}. "
-                         "The fused path quantizes its state instead: `fused=True, state_bits=8`.")
+        raise ValueError(f"{name} has no 8-bit path{' for ' + str(sorted(kwargs)) if kwargs else ''}: {why}.{hint}")
 
 # %% ../nbs/01_eightbit.ipynb #ed4ce589
 _qmaps = {}

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from fastai.optimizer import debias
-from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range, foreach_mul_
-from .core import stacked_norms, whole_norm, whole_norms
-from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
+from .base import unit_interval, non_negative, percentile_range, foreach_mul_
+from .core import opt_partial, FXOptimizer
+from .base import stacked_norms, whole_norm, whole_norms
+from .eightbit import EightBitSpec, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec, compiled_or_eager, fused_chunks, LOWBIT_ROWS
 from .declare import declare
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 from functools import partial
 import torch
 from torch import Tensor
-from .core import opt_partial, FXOptimizer, select_path, unit_interval, non_negative, percentile_range, foreach_mul_
-from .core import stacked_norms, whole_norm
-from .eightbit import EightBitSpec, eightbit_args, update_tensor, bnb_functional, BLOCKSIZE
+from .base import unit_interval, non_negative, percentile_range, foreach_mul_
+from .core import opt_partial, FXOptimizer
+from .base import stacked_norms, whole_norm, boolean, optional_non_negative
+from .eightbit import EightBitSpec, update_tensor, bnb_functional, BLOCKSIZE
 from .fused import FusedSpec
 from .declare import declare
 
 # %% auto #0
 __all__ = ['LARS_8BIT', 'LARS_FUSED', 'LARS_CHECKS', 'lars', 'trust_lr', 'lars_local_lr', 'tensor_lr', 'unorm_scale',
            'lars_damping', 'keep_local_lr', 'lars_foreach_step', 'lars_step', 'lars_eightbit_group', 'lars_update',
-           'lars_scalars', 'optional_non_negative', 'boolean', 'check_nesterov', 'LarsOptimizer', 'Lars', 'larc']
+           'lars_scalars', 'check_nesterov', 'LarsOptimizer', 'Lars', 'larc']
 
 # %% ../nbs/12_lars.ipynb #e423d29c
 def trust_lr(p_norm, g_norm, lr:float, trust_coeff:float, eps:float, wd:float):
@@ -138,14 +139,6 @@ def lars_scalars(h:dict, group) -> dict:
 LARS_FUSED = FusedSpec(lars_update, lars_scalars)
 
 # %% ../nbs/12_lars.ipynb #20790fa2
-def optional_non_negative(name:str, v):
-    "Raise unless `v` is `None` or a number >= 0"
-    if v is not None: non_negative(name, v)
-
-def boolean(name:str, v):
-    "Raise unless `v` is a bool"
-    if not isinstance(v, bool): raise ValueError(f"`{name}` must be a bool, got {v!r}")
-
 LARS_CHECKS = dict(mom=unit_interval, dampening=unit_interval, trust_coeff=optional_non_negative, eps=non_negative,
                    max_unorm=non_negative, clip=boolean, nesterov=boolean, percentile_clipping=percentile_range)
 

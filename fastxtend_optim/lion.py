@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from typing import Callable
-from .core import (opt_partial, FXOptimizer, select_path, unit_interval, percentile_range, boolean,
-                                  cautious_, cautious_foreach_, check_cautious)
-from .eightbit import EightBitSpec, eightbit_args
+from .base import unit_interval, percentile_range, boolean, cautious_, cautious_foreach_
+from .core import opt_partial, FXOptimizer
+from .eightbit import EightBitSpec
 from .fused import FusedSpec, uncautious
 from .declare import declare
 

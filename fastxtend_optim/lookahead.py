@@ -11,7 +11,8 @@ from functools import partial
 from typing import Callable
 import torch
 from torch import Tensor
-from .core import foreach_chunks, opt_partial, local_tensor
+from .base import foreach_chunks, local_tensor
+from .core import opt_partial
 from .lowprec import KAHAN_KEY, weight_rounding, working_weights, store_weights, noise_key
 from .radam import radam_step, radam_foreach_step, RADAM_CHECKS, RADAM_FUSED
 from .eightbit import NO_KERNEL

@@ -10,9 +10,9 @@ import math
 from functools import partial
 import torch
 from torch import nn, Tensor
-from .core import (FXOptimizer, TensorGroup, select_path, unit_interval, non_negative, percentile_range,
-                                  boolean, opt_partial, init_state, refuse_foreign_keywords, positive,
-                                  shard_group)
+from .base import (optional_bool, TensorGroup, unit_interval, non_negative, percentile_range, boolean, init_state,
+                                  refuse_foreign_keywords, positive, shard_group)
+from .core import FXOptimizer, opt_partial
 from .adam import adam_step, adam_foreach_step, ADAM_FUSED
 from .eightbit import NO_KERNEL
 from .declare import declare, stepper_defaults
@@ -20,7 +20,7 @@ from .declare import declare, stepper_defaults
 # %% auto #0
 __all__ = ['NS_COEFFS', 'MUON_STATE', 'ADAMW_STATE', 'MUON_CHECKS', 'muon', 'newton_schulz', 'muon_lr_scale', 'gather_whole',
            'gather_wholes', 'local_slice', 'muon_step', 'shape_runs', 'stack_bf16', 'muon_foreach_step', 'uses_muon',
-           'muon_flag', 'muon_splitter', 'ns_steps_range', 'adamw_hypers', 'MuonOptimizer', 'dict_groups', 'Muon']
+           'muon_splitter', 'ns_steps_range', 'adamw_hypers', 'MuonOptimizer', 'dict_groups', 'Muon']
 
 # %% ../nbs/25_muon.ipynb #b63e7caf
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # torch's Muon (Keller Jordan's quintic)
@@ -121,10 +121,6 @@ def uses_muon(p:Tensor, muon:bool|None) -> bool:
     "Whether `p` takes Muon: its group's `muon` decides; `None` sends 2-D tensors to Muon and the rest to AdamW"
     return p.ndim == 2 if muon is None else muon
 
-def muon_flag(name:str, v):
-    "Raise unless `v` is `None` or a bool"
-    if v is not None and not isinstance(v, bool): raise ValueError(f"`{name}` must be None, True or False, got {v!r}")
-
 def muon_splitter(model:nn.Module, head:nn.Module|list|None=None) -> list[dict]:
     "Param groups: hidden 2-D weights with `muon=True`; embeddings, the head and all non-2-D tensors with `muon=False`"
     heads = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:] if head is None else \
@@ -195,7 +191,7 @@ class MuonOptimizer(FXOptimizer):
 # %% ../nbs/25_muon.ipynb #5fd4349e
 MUON_CHECKS = dict(mom=unit_interval, nesterov=boolean, ns_steps=ns_steps_range, eps=positive,
                    adam_lr_mult=non_negative, adam_mom=unit_interval, adam_sqr_mom=unit_interval, adam_eps=non_negative,
-                   adam_wd=non_negative, muon=muon_flag, percentile_clipping=percentile_range)
+                   adam_wd=non_negative, muon=optional_bool, percentile_clipping=percentile_range)
 
 def dict_groups(params, hypers:dict) -> tuple[list, dict]:
     "torch-style dict param groups as fastai param lists, each hyper a group names becoming one value per group"

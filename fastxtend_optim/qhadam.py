@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from fastai.optimizer import debias
-from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range,
-                                  closed_unit_interval, opt_partial, foreach_mul_)
+from .base import unit_interval, non_negative, percentile_range, closed_unit_interval, foreach_mul_
+from .core import FXOptimizer, opt_partial
 from .fused import FusedSpec
 from .eightbit import NO_KERNEL
 from .declare import declare

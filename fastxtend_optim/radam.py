@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from fastai.optimizer import debias
-from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  steps_runs, foreach_mul_)
+from .base import unit_interval, non_negative, percentile_range, steps_runs, foreach_mul_
+from .core import FXOptimizer, opt_partial
 from .eightbit import NO_KERNEL
 from .fused import FusedSpec
 from .declare import declare

@@ -35,6 +35,7 @@ def release_refusal(learn) -> str|None:
                 "backward; use bf16 MixedPrecision")
     if type(opt).__name__ == 'Lookahead': return "Lookahead counts whole steps, and release steps tensor by tensor"
     if type(opt).__name__ == 'SophiaOptimizer': return "Sophia's Hessian refresh needs a second backward over every tensor"
+    if getattr(opt, 'no_release', None): return opt.no_release  # an optimizer's own reason (Prodigy's global d)
     if not hasattr(opt, 'step_tensors'): return f"{type(opt).__name__} cannot step single tensors (a fastxtend_optim optimizer can)"
     if any(h.get('percentile_clipping', 100) < 100 for h in opt.hypers):
         return "percentile_clipping scales every gradient by a norm over the whole step"

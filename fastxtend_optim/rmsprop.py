@@ -8,11 +8,11 @@ Docs: https://fastxtend.github.io/fastxtend_optim/rmsprop.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
-from .core import (opt_partial, FXOptimizer, check_hypers, select_path, unit_interval, non_negative,
-                                  percentile_range, foreach_mul_)
-from .eightbit import EightBitSpec, eightbit_args
+from .base import unit_interval, non_negative, percentile_range, foreach_mul_
+from .core import opt_partial, FXOptimizer
+from .eightbit import EightBitSpec
 from .fused import FusedSpec
-from .lars import boolean
+from .base import boolean
 from .declare import declare
 
 # %% auto #0

@@ -13,8 +13,9 @@ from torch import Tensor
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, LRFinder
-from .core import (FXOptimizer, local_tensor, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  foreach_mul_)
+from .base import (positive_unit_interval, non_negative_int, local_tensor, unit_interval, non_negative,
+                                  percentile_range, foreach_mul_)
+from .core import FXOptimizer, opt_partial
 from .eightbit import NO_KERNEL
 from .fused import FusedSpec
 from .lowprec import KAHAN_KEY, working_weights, store_weights
@@ -23,8 +24,8 @@ from .declare import declare
 # %% auto #0
 __all__ = ['SCHEDULEFREE_FUSED', 'SCHEDULEFREE_CHECKS', 'schedulefree_adamw', 'sf_lr', 'sf_weight', 'sf_advance_', 'sf_numbers',
            'schedulefree_step', 'sf_runs', 'sf_scratch', 'schedulefree_foreach_step', 'schedulefree_update',
-           'schedulefree_scalars', 'positive_unit_interval', 'non_negative_int', 'ScheduleFreeOptimizer',
-           'ScheduleFreeAdamW', 'lr_schedulers', 'ScheduleFreeCallback', 'x_weights']
+           'schedulefree_scalars', 'ScheduleFreeOptimizer', 'ScheduleFreeAdamW', 'lr_schedulers',
+           'ScheduleFreeCallback', 'x_weights']
 
 # %% ../nbs/26_schedulefree.ipynb #2f41ff11
 def sf_lr(step:int, lr:float, warmup_steps:int) -> float:
@@ -117,16 +118,6 @@ def schedulefree_scalars(h:dict, group) -> dict:
 SCHEDULEFREE_FUSED = FusedSpec(schedulefree_update, schedulefree_scalars, unsigned=('exp_avg_sq',), exact=('z',))
 
 # %% ../nbs/26_schedulefree.ipynb #23880bbd
-def positive_unit_interval(name:str, v):
-    "Raise unless `v` is in (0, 1)"
-    if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < 1):
-        raise ValueError(f"`{name}` must be in (0, 1), got {v!r}")
-
-def non_negative_int(name:str, v):
-    "Raise unless `v` is an integer >= 0"
-    if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0):
-        raise ValueError(f"`{name}` must be an integer >= 0, got {v!r}")
-
 SCHEDULEFREE_CHECKS = dict(beta1=positive_unit_interval, beta2=unit_interval, eps=non_negative, warmup_steps=non_negative_int,
                            r=non_negative, weight_lr_power=non_negative, percentile_clipping=percentile_range)
 

@@ -8,10 +8,12 @@ Docs: https://fastxtend.github.io/fastxtend_optim/sgd.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
-from .core import opt_partial, FXOptimizer, check_hypers, select_path, unit_interval, percentile_range, foreach_mul_
-from .eightbit import EightBitSpec, eightbit_args, update_tensor
+from .base import unit_interval, percentile_range, foreach_mul_
+from .core import opt_partial, FXOptimizer
+from .eightbit import EightBitSpec, update_tensor
 from .fused import FusedSpec
-from .lars import lars_damping, check_nesterov, lars_update, boolean
+from .lars import lars_damping, check_nesterov, lars_update
+from .base import boolean
 from .declare import declare
 
 # %% auto #0

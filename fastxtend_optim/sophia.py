@@ -16,8 +16,9 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.losses import BaseLoss, LabelSmoothingCrossEntropy
-from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, opt_partial,
-                                  gather_groups, init_state, positive, foreach_mul_, local_tensor, shard_group)
+from .base import (unit_interval, non_negative, percentile_range, gather_groups, init_state, positive,
+                                  foreach_mul_, local_tensor, shard_group)
+from .core import FXOptimizer, opt_partial
 from .eightbit import NO_KERNEL
 from .fused import FusedSpec
 from .declare import declare

@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Callable
 import torch
 from torch import Tensor
-from .core import (FXOptimizer, select_path, unit_interval, non_negative, percentile_range, boolean,
-                                  opt_partial, cautious_, steps_runs, foreach_mul_)
-from .core import is_sharded, whole_sums, whole_sums_of, cautious_counts, apply_cautious_
+from .base import (unit_interval, non_negative, percentile_range, boolean, cautious_, steps_runs,
+                                  foreach_mul_)
+from .core import FXOptimizer, opt_partial
+from .base import is_sharded, whole_sums, whole_sums_of, cautious_counts, apply_cautious_
 from .eightbit import NO_KERNEL
 from .fused import FusedSpec, uncautious
 from .declare import declare

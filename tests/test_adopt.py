@@ -105,7 +105,7 @@ def test_bf16_steps(path):
 
 def test_eightbit_is_refused_naming_the_optimizers_that_have_it():
     w = [torch.zeros(3, requires_grad=True)]
-    with pytest.raises(ValueError, match='ADOPT has no 8-bit path.*Lion, Adam, LARS, SGD, RMSProp, Adagrad, LAMB'):
+    with pytest.raises(ValueError, match='ADOPT has no 8-bit path: no bitsandbytes kernel.*state_bits=8'):
         ADOPT(w, lr=1e-3, eightbit=True)
     with pytest.raises(ValueError, match='ADOPT has no 8-bit path'): adopt(eightbit=True)
 

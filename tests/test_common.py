@@ -7,9 +7,10 @@ from fastxtend_optim.registry import REGISTRY
 from conftest import (assert_bf16_tracks_fp32, make_params, run, fx_groups, roundtrip, assert_close_lists, PATH_KWARGS,
                       LRS, NO_WD)
 
-TEST_KWARGS = {'sgd': dict(mom=0.9)}  # the settings these tests want beyond the defaults
+TEST_KWARGS = {'sgd': dict(mom=0.9), 'prodigy': dict(d0=0.1)}  # the settings these tests want beyond the defaults
 OPTIMIZERS = {n: partial(e.factory, **TEST_KWARGS.get(n, {})) for n, e in REGISTRY.items()}
 NO_EIGHTBIT = {n for n, e in REGISTRY.items() if 'eightbit' not in e.paths}
+FUSED = [n for n, e in REGISTRY.items() if 'fused' in e.paths]  # those with a fused path (and so low-bit state)
 PATHS = list(PATH_KWARGS)
 CASES = [(n, p) for n, e in REGISTRY.items() for p in e.paths]
 
@@ -84,9 +85,11 @@ def test_checkpoint_moves_native_fused_foreach(name):
 
 @pytest.mark.parametrize('name', sorted(NO_EIGHTBIT))
 def test_eightbit_is_refused_with_the_reason_and_the_fused_low_bit_state(name):
-    why = REGISTRY[name].declaration.no_eightbit
-    with pytest.raises(ValueError, match=f'{REGISTRY[name].factory.__name__} has no 8-bit path: {why}.*state_bits=8'):
+    "The refusal gives the reason, and points at the fused path's 8-bit state only where there is a fused path"
+    d = REGISTRY[name].declaration
+    with pytest.raises(ValueError, match=f'{REGISTRY[name].factory.__name__} has no 8-bit path: {d.no_eightbit}') as e:
         OPTIMIZERS[name]([torch.zeros(3, requires_grad=True)], lr=1e-3, eightbit=True)
+    assert ('state_bits=8' in str(e.value)) == (d.fused is not None)
 
 
 @pytest.mark.parametrize('name', OPTIMIZERS)

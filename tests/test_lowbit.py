@@ -10,7 +10,7 @@ from fastxtend_optim.lowbit import StateFormat, absmax_key, saved_format, decode
 from fastxtend_optim.demo import digits_dls, digits_learner
 from fastxtend_optim.bench import OPTIMIZERS as BENCH
 from conftest import make_params, set_grads, run, fx_groups, roundtrip, assert_close_lists, randn, LRS, NO_WD
-from test_common import OPTIMIZERS, RESUME_KWARGS
+from test_common import OPTIMIZERS, RESUME_KWARGS, FUSED
 
 LOWBIT = lambda bits: dict(fused=True, state_bits=bits)
 
@@ -26,7 +26,7 @@ def stored_as(opt, p) -> dict:
     return {k: saved_format(s, k, p.numel(), k not in opt.fused.unsigned) for k in opt.state_keys if k in s}
 
 
-RESUME_CASES = [(n, b) for n in OPTIMIZERS for b in (8, 4)] + \
+RESUME_CASES = [(n, b) for n in FUSED for b in (8, 4)] + \
                [(n, 16) for n in ('adam', 'lion', 'ranger', 'sophia', 'schedulefree_adamw')]  # bf16: a dtype, no codes
 
 @pytest.mark.parametrize('name,bits', RESUME_CASES)

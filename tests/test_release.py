@@ -9,10 +9,11 @@ from fastxtend_optim.release import GradientRelease
 from fastxtend_optim.schedulefree import ScheduleFreeCallback
 from fastxtend_optim.demo import digits_learner, digits_dls
 from conftest import PATH_KWARGS
-from test_common import OPTIMIZERS, CASES
+from test_common import OPTIMIZERS, CASES, FUSED
 
 pytestmark = pytest.mark.cpu_only('fastai Learners on the digits data, on the CPU')
-REFUSED = {'sophia': "Sophia's Hessian refresh", 'ranger': 'Lookahead counts whole steps'}
+REFUSED = {'sophia': "Sophia's Hessian refresh", 'prodigy': "Prodigy's step size d",
+           'ranger': 'Lookahead counts whole steps'}
 DLS = digits_dls()
 
 
@@ -61,7 +62,7 @@ FUSED_ATOL = {'muon': 3 * 1e-2 * 2**-7}
 
 
 @pytest.mark.parametrize('bucket_mb', [25, 0.02], ids=['whole-groups', 'small-buckets'])
-@pytest.mark.parametrize('name', [o for o in OPTIMIZERS if o not in REFUSED])
+@pytest.mark.parametrize('name', [o for o in FUSED if o not in REFUSED])
 def test_fused_release_steps_each_bucket_within_rounding_of_a_normal_step(name, bucket_mb):
     """Three batches on a digits MLP: each fused bucket (the model's groups whole, or 20 KiB of weights: one tensor, or a
     few small ones) steps when its last gradient arrives, and no gradient stays. No BatchNorm: a bias before one has a
