@@ -131,6 +131,12 @@ class TensorGroup:
         "Bits per element of these tensors' state on the fused path (32 on the others)"
         return self.key[5]
 
+    def subset(self, idx:list[int], hyper:dict|None=None) -> TensorGroup:
+        "The tensors `idx` of this group as a group of their own, with `hyper` where given (Muon's and Adafactor's parts)"
+        pick = lambda xs: [xs[i] for i in idx]
+        return TensorGroup(self.hyper if hyper is None else hyper, self.do_wd, self.key, self.shard_group,
+                           pick(self.params), pick(self.grads), pick(self.states), pick(self.owners))
+
 def tensor_bits(opt:Optimizer, p:Tensor, hyper:dict) -> int:
     """The bits of `p`'s state in a param group with `hyper`: `state_bits` where the fused kernel steps it (see
     `lowbit`), else 32"""

@@ -52,6 +52,9 @@ BENCH_SETTINGS = {  # per registry optimizer: the digits Learner's peak lr, byte
     'schedulefree_adamw': dict(lr=5e-3, bytes=28, fit='fit', kw=dict(warmup_steps=20, wd=0.01),  # element-wise part
                                cbs=lambda: [ScheduleFreeCallback()]),
     'prodigy': dict(lr=1., bytes=40),  # lr multiplies the estimated step size d; + the d pre-pass's reads
+    'adafactor': dict(lr=0.1, bytes=36),   # matrices: weights read for their RMS + read/written, gradient read for the
+                                           # row and column means and for U, U written and read twice (RMS, update)
+    'came': dict(lr=3e-3, bytes=20),  # weights, gradient, grad_avg; + the small row/column averages (vectors: sqr_avg)
 }
 
 def bench_entry(name:str) -> dict:

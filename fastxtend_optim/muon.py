@@ -167,9 +167,7 @@ class MuonOptimizer(FXOptimizer):
         for kind, hyper in ((True, h), (False, adamw_hypers(h))):
             idx = [i for i, w in enumerate(which) if w == kind]
             pick = lambda xs: None if xs is None else [xs[i] for i in idx]
-            part = TensorGroup(hyper, group.do_wd, group.key, group.shard_group, pick(group.params), pick(group.grads),
-                               pick(group.states), pick(group.owners))
-            parts.append((part, *map(pick, lists)))
+            parts.append((group.subset(idx, hyper), *map(pick, lists)))
         return tuple(parts)
 
     def split_group(self, group:TensorGroup, scales:list[Tensor]|None) -> list[tuple]:

@@ -11,14 +11,14 @@ from typing import Callable
 from .base import PATHS
 from .declare import Declaration
 from . import (lion, adam, lars, sgd, rmsprop, adagrad, radam, qhadam, lamb, ademamix, lookahead, adan,
-                             stableadamw, adopt, sophia, muon, schedulefree, prodigy)
+                             stableadamw, adopt, sophia, muon, schedulefree, prodigy, came, adafactor)
 
 # %% auto #0
 __all__ = ['OPTIMIZER_MODULES', 'REGISTRY', 'Entry', 'module_entries', 'eightbit_optimizers']
 
 # %% ../nbs/08_registry.ipynb #112defb8
 OPTIMIZER_MODULES = (lion, adam, lars, sgd, rmsprop, adagrad, radam, qhadam, lamb, ademamix, lookahead, adan,
-                     stableadamw, adopt, sophia, muon, schedulefree, prodigy)
+                     stableadamw, adopt, sophia, muon, schedulefree, prodigy, came, adafactor)
 
 @dataclass(frozen=True)
 class Entry:

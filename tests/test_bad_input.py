@@ -8,7 +8,8 @@ from test_common import OPTIMIZERS, CASES
 
 BETAS = {'lion': '`beta1=`, `beta2=`', 'ademamix': '`beta1=`, `beta2=`', 'lars': '`mom=`', 'sgd': '`mom=`',
          'adagrad': None, 'adan': '`beta1=`, `beta2=`', 'adopt': '`beta1=`, `beta2=`', 'muon': '`mom=`',
-         'schedulefree_adamw': '`beta1=`, `beta2=`', 'prodigy': '`beta1=`, `beta2=`'}  # what `betas=` is answered with; the rest have `mom` and `sqr_mom`
+         'schedulefree_adamw': '`beta1=`, `beta2=`', 'prodigy': '`beta1=`, `beta2=`',
+         'came': '`beta1=`, `beta2=`, `beta3=`', 'adafactor': None}  # what `betas=` is answered with; the rest have `mom` and `sqr_mom`
 
 
 def _leaf(): return torch.zeros(3, requires_grad=True)

@@ -59,7 +59,7 @@ def test_step_small_prints_ratios_against_peers(tmp_path):
 
 
 @pytest.mark.parametrize('args,message', [
-    (['--opt', 'adafactor'], "unknown optimizer 'adafactor'"),
+    (['--opt', 'adamax'], "unknown optimizer 'adamax'"),
     (['--path', 'turbo'], "unknown path 'turbo'"),
     (['--device', 'tpu'], "unknown device 'tpu'"),
     (['step', '--size', 'huge'], "unknown size 'huge'"),
