@@ -41,6 +41,18 @@ def test_matches_torch_adafactor_over_60_steps(path, ours, theirs):
     assert moved(got, start) > 0.05
 
 
+
+@pytest.mark.parametrize('path', PATHS)
+def test_relative_step_is_one_over_root_t_above_lr_as_torch(path):
+    """At lr=1 the relative step min(lr, 1/sqrt(t)) is 1/sqrt(t) from the first step (at the lrs above it is lr for
+    10^4 steps): 30 steps track torch's, step size and all"""
+    a, b = params(), params()
+    start = [p.detach().clone() for p in a]
+    opt = Adafactor(a, lr=1., foreach=path == 'foreach')
+    got, expected = run(opt, a, 30), run(torch.optim.Adafactor(b, lr=1., foreach=path == 'foreach'), b, 30)
+    assert_close_lists(got, expected, atol=1e-6)
+    assert moved(got, start) > 0.5
+
 HF_CASES = [dict(), dict(beta1=0.9), dict(warmup_init=True),
             dict(relative_step=False, scale_parameter=False, beta1=0.5, clip_threshold=0.5, beta2_decay=-0.5),
             dict(relative_step=False)]

@@ -51,6 +51,17 @@ FAULTS = {
     'release-keeps-gradients': Fault(
         'fastxtend_optim/release.py', 'for _, p in members: p.grad = None', 'for _, p in members: pass',
         ('tests/test_release.py', '-k', 'bitwise and adam')),
+    'prodigy-estimate-forgets': Fault(
+        'fastxtend_optim/prodigy.py', "d_numerator = h['d_numerator'] * prodigy_beta3(h) + numerator",
+        'd_numerator = numerator', ('tests/test_prodigy.py', '-k', 'matches_prodigyopt')),
+    'came-instability-ignored': Fault(
+        'fastxtend_optim/came.py', 'update = approx_rsqrt(row_res_avg, col_res_avg).mul_(grad_avg)',
+        'update = grad_avg', ('tests/test_came.py', '-k', 'matches_came_pytorch')),
+    'adafactor-relative-step-constant': Fault('fastxtend_optim/adafactor.py', 'rho = min(lr, 1 / step ** 0.5)',
+                                              'rho = lr', ('tests/test_adafactor.py', '-k', 'one_over_root')),
+    'factored-state-shapes-unchecked': Fault(
+        'fastxtend_optim/core.py', 'dict.fromkeys(self.state_keys + tuple(self.state_init))',
+        'dict.fromkeys(self.state_keys)', ('tests/test_came.py', '-k', 'wrongly_shaped')),
 }
 
 
