@@ -236,25 +236,6 @@ def test_step_tensors_a_few_at_a_time_is_a_normal_step():
     assert_close_lists(b, a, atol=0.)
 
 
-@pytest.mark.cpu_only('a one-process gloo group')
-def test_fsdp2_sharded_parameters_are_refused():
-    "A DTensor sharded over a mesh dimension (FSDP2's placement) is refused with an error naming FSDP2"
-    import tempfile, torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor, Shard, Replicate
-    if dist.is_initialized(): pytest.skip('a process group is already running')
-    with tempfile.NamedTemporaryFile() as f:
-        dist.init_process_group('gloo', init_method=f'file://{f.name}', rank=0, world_size=1)
-        try:
-            mesh = init_device_mesh('cpu', (1,))
-            sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-            with pytest.raises(ValueError, match='Adafactor does not support parameters sharded by FSDP2'):
-                Adafactor([sharded, torch.zeros(3, requires_grad=True)])
-            assert 'FSDP2' in AdafactorOptimizer.fsdp2_refusal
-            replicated = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
-            assert Adafactor([replicated]).path == 'foreach'  # whole tensors on every rank: nothing to refuse
-        finally: dist.destroy_process_group()
-
 
 @pytest.mark.cpu_only('a fastai Learner on the digits data')
 @pytest.mark.parametrize('path', PATHS)
