@@ -108,7 +108,7 @@ class FXOptimizer(Optimizer):
             raise ValueError("`params` is empty: the optimizer needs at least one parameter")
         self.checks, self.group_check, self.runner = {**STORAGE_CHECKS, **(checks or {})}, group_check, RUNNERS[path]()
         check_hypers(self.checks, **defaults)
-        self._check_group(defaults)
+        self.check_group(defaults)
         super().__init__(params, steppers, **defaults)
         check_params(self.param_lists, complex_ok, path)
         for h in self.hypers: check_rounding(h)  # per param group, once fastai has split the defaults
@@ -128,14 +128,14 @@ class FXOptimizer(Optimizer):
         if v is None: self._set_hyper(k, [None] * len(self.hypers))  # fastai's `L(None)` would be empty
         else: super().set_hyper(k, v)
         try:
-            for h in self.hypers: self._check_group(h)
+            for h in self.hypers: self.check_group(h)
             self.check_param_groups()
         except ValueError:
             for h, old in zip(self.hypers, before): h.clear(); h.update(old)
             raise
         if k in STORAGE_CHECKS: self.runner.reset()  # new layouts in the new format
 
-    def _check_group(self, h:dict):
+    def check_group(self, h:dict):
         "The optimizer's own check of a group's hypers, and the path's: `state_bits` other than 32 is the fused path's"
         if self.group_check is not None: self.group_check(h)
         if not any(isinstance(h.get(k), (list, tuple)) for k in ('kahan_sum', 'stochastic_round')): check_rounding(h)
@@ -183,7 +183,7 @@ class FXOptimizer(Optimizer):
         """Give `params` (tensors of this optimizer) `bits` of state each, whatever their param group's `state_bits` and
         their size: an embedding kept at 32 bits, say. Kept in their state, so `Learner.save`/`load` keep it"""
         state_bits_value('bits', bits)
-        self._check_group({'state_bits': bits})
+        self.check_group({'state_bits': bits})
         params = [params] if isinstance(params, Tensor) else list(params)
         mine = {id(p) for p, *_ in self.all_params()}
         if not all(id(p) in mine for p in params): raise ValueError("`params` holds a tensor this optimizer does not step")

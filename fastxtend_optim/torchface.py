@@ -172,7 +172,7 @@ class TorchFace(torch.optim.Optimizer):
             new = {k: v for k, v in self._ours(g).items() if not (k in h and _same(h[k], v))}  # what changed
             if not new: news.append(None); continue
             check_hypers(fx.checks, **new)
-            fx._check_group({**h, **new})
+            fx.check_group({**h, **new})
             news.append(new)
         if not any(n is not None for n in news): return
         before = [dict(h) for h in fx.hypers]
