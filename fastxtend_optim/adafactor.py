@@ -6,13 +6,12 @@ Docs: https://fastxtend.github.io/fastxtend_optim/adafactor.html.md"""
 
 # %% ../nbs/27_adafactor.ipynb #f7398d21
 from __future__ import annotations
-import math
 import torch
 from torch import Tensor
 from .base import (unit_interval, non_positive, optional_non_negative, positive, boolean, percentile_range,
                                   foreach_mul_)
 from .core import opt_partial
-from .factored import FactoredOptimizer, factored_zeros, row_shape, col_shape
+from .factored import FactoredOptimizer
 from .eightbit import NO_KERNEL
 from .declare import declare
 

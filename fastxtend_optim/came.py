@@ -6,7 +6,6 @@ Docs: https://fastxtend.github.io/fastxtend_optim/came.html.md"""
 
 # %% ../nbs/28_came.ipynb #d1530e30
 from __future__ import annotations
-import math
 import torch
 from torch import Tensor
 from .base import unit_interval, positive, percentile_range, foreach_mul_
