@@ -84,7 +84,7 @@ ADAGRAD_CHECKS = dict(eps=non_negative, lr_decay=non_negative, initial_accumulat
                       decouple_wd=boolean, percentile_clipping=percentile_range)
 
 @declare(steppers=[adagrad_step], foreach=adagrad_foreach_step, state_keys=('sqr_sum',), checks=ADAGRAD_CHECKS,
-         fused=ADAGRAD_FUSED, eightbit=ADAGRAD_8BIT)
+         fused=ADAGRAD_FUSED, eightbit=ADAGRAD_8BIT, torch_state=dict(sqr_sum='sum'))
 def Adagrad(params, lr:float, eps:float=1e-10, wd:float=0., decouple_wd:bool=False, lr_decay:float=0.,
             initial_accumulator_value:float=0.) -> FXOptimizer:
     "A fastai `Optimizer` for Adagrad on the native, ForEach, fused or bitsandbytes path"

@@ -96,7 +96,8 @@ def refuse_amsgrad(args:dict, eightbit:bool):
         raise ValueError("`amsgrad=True` is not available with `eightbit=True`: bitsandbytes' Adam kernels have no AMSGrad")
 
 @declare(steppers=[adam_step], foreach=adam_foreach_step, checks=ADAM_CHECKS, fused=ADAM_FUSED, eightbit=ADAM_8BIT,
-         complex_ok=True, options=('amsgrad',), shape=adam_shape, refuse=refuse_amsgrad)
+         complex_ok=True, options=('amsgrad',), shape=adam_shape, refuse=refuse_amsgrad,
+         torch_state=dict(grad_avg='exp_avg', sqr_avg='exp_avg_sq', max_sqr_avg='max_exp_avg_sq'))
 def Adam(params, lr:float, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd:float=0.01, decouple_wd:bool=True,
          amsgrad:bool=False, cautious:bool=False) -> FXOptimizer:
     "A fastai `Optimizer` for Adam (`decouple_wd=False`) or AdamW on the native, ForEach, fused or bitsandbytes path"

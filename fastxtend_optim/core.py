@@ -96,6 +96,7 @@ class FXOptimizer(Optimizer):
     "A fastai `Optimizer` that steps on the native, ForEach, fused or 8-bit path (`runner`, one of `RUNNERS`)"
     weight_state = ()  # state keys that hold weights (Schedule-Free's `z`): fp32 beside 16-bit weights that round
     state_init = {}  # how a state key starts where not as zeros like its tensor: `{key: make(p)}`
+    factory, options = None, {}  # set by a declared factory: itself (pickled by name) and the options it was given
 
     def __init__(self, params, steppers:list[Callable], foreach_step:Callable, state_keys:tuple=(),
                  path:str='foreach', checks:dict|None=None, group_check:Callable|None=None, eightbit=None,
@@ -117,23 +118,39 @@ class FXOptimizer(Optimizer):
         self.check_param_groups()
 
     @property
+    def declaration(self):
+        "The `Declaration` of the factory that made this optimizer, or `None`"
+        return getattr(self.factory, 'declaration', None)
+
+    @property
     def path(self) -> str:
         "The path this optimizer steps on: 'native', 'foreach', 'fused' or 'eightbit' (`runner.name`)"
         return self.runner.name
 
     def set_hyper(self, k, v):
-        "fastai's `set_hyper`, refusing a value its check or the group check rejects (the hypers stay as they were)"
+        "fastai's `set_hyper` (one value, one per group, or a slice), through `update_hypers`' checks"
         check_hypers(self.checks, **{k: v})
+        if v is None: values = [None] * len(self.hypers)  # fastai's `L(None)` would be empty
+        else:
+            before = [dict(h) for h in self.hypers]
+            super().set_hyper(k, v)  # fastai spreads `v` over the groups
+            values = [h[k] for h in self.hypers]
+            for h, old in zip(self.hypers, before): h.clear(); h.update(old)
+        self.update_hypers([{k: x} for x in values])
+
+    def update_hypers(self, changes:list[dict]):
+        """Update each param group's hypers with its dict in `changes`, checked as the optimizer is built: every group
+        changes, or (on a `ValueError`) none does. New storage hypers (`state_bits`...) rebuild the fused layouts"""
+        for new in changes: check_hypers(self.checks, **new)
         before = [dict(h) for h in self.hypers]
-        if v is None: self._set_hyper(k, [None] * len(self.hypers))  # fastai's `L(None)` would be empty
-        else: super().set_hyper(k, v)
+        for h, new in zip(self.hypers, changes): h.update(new)
         try:
             for h in self.hypers: self.check_group(h)
             self.check_param_groups()
         except ValueError:
             for h, old in zip(self.hypers, before): h.clear(); h.update(old)
             raise
-        if k in STORAGE_CHECKS: self.runner.reset()  # new layouts in the new format
+        if any(set(new) & set(STORAGE_CHECKS) for new in changes): self.runner.reset()  # new layouts in the new format
 
     def check_group(self, h:dict):
         "The optimizer's own check of a group's hypers, and the path's: `state_bits` other than 32 is the fused path's"
@@ -283,7 +300,9 @@ class FXOptimizer(Optimizer):
 
     def load_state_dict(self, sd:dict):
         """Load `sd`. State saved on the 8-bit path converts to the fp32 paths' state and the reverse, with one warning
-        (see the 8-bit notebook); state that cannot convert is refused with a `ValueError`, and nothing changes"""
+        (see the 8-bit notebook); state that cannot convert is refused with a `ValueError`, and nothing changes. A
+        state dict in torch's layout (torch's optimizers', bitsandbytes', the torch face's) converts first"""
+        sd = self.fastai_layout(sd)
         n_params = sum(len(pg) for pg in self.param_lists)
         if len(sd['hypers']) != len(self.param_lists) or len(sd['state']) != n_params:
             raise ValueError(f"the saved state has {len(sd['hypers'])} param groups and {len(sd['state'])} parameters; "
@@ -302,6 +321,13 @@ class FXOptimizer(Optimizer):
         super().load_state_dict({'state': states, 'hypers': L(hypers)})
         self.runner.reset()  # rebuilt at the next step, from the loaded state
         if notes: warnings.warn(PathConversionWarning('; '.join(notes)))
+
+    def fastai_layout(self, sd:dict) -> dict:
+        "`sd` in this face's layout: one in torch's layout (`param_groups`) converts through the optimizer's declaration"
+        if 'param_groups' not in sd: return sd
+        if self.declaration is None: raise ValueError("a state dict in torch's layout loads only into an optimizer made by "
+                                                      "a declared factory, which knows torch's names")
+        return self.declaration.from_torch(sd, self.param_lists, self.hypers, self.options)
 
     @staticmethod
     def _own_storage(saved:dict, mine:dict) -> dict:

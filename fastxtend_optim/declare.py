@@ -10,12 +10,16 @@ import inspect
 from dataclasses import dataclass, field
 from functools import update_wrapper
 from typing import Callable
-from .base import select_path, check_cautious, check_hypers
+from torch import Tensor
+from fastcore.basics import patch
+from .base import select_path, check_cautious, check_hypers, our_keywords
 from .core import FXOptimizer
 from .eightbit import EightBitSpec, eightbit_args, no_eightbit
 
 # %% auto #0
-__all__ = ['PATH_OPTIONS', 'PATH_SWITCHES', 'path_options', 'declared_signature', 'stepper_defaults', 'Declaration', 'declare']
+__all__ = ['PATH_OPTIONS', 'PATH_SWITCHES', 'TORCH_FLAGS', 'TORCH_EXCLUDED', 'BNB_NESTED', 'path_options', 'declared_signature',
+           'stepper_defaults', 'Declaration', 'declare', 'hyper_names', 'torch_keywords', 'torch_passed',
+           'refuse_fastai_names', 'hypers_from_torch', 'hypers_to_torch', 'state_from_torch']
 
 # %% ../nbs/07_declare.ipynb #e4363b85
 def path_options(foreach:bool|None=None, # the ForEach path (`None`: ForEach); `False`: the native path
@@ -68,9 +72,11 @@ class Declaration:
     refuse:Callable|None=None # (arguments, eightbit) -> raises on what the math refuses
     prepare:Callable|None=None # (params, hypers) -> (params, hypers)
     wrap:Callable|None=None # (optimizer, **options) -> the optimizer returned
+    torch_state:dict=field(default_factory=dict) # state key -> torch's name, where torch has the optimizer
     name:str='' # the factory's name, set by `declare`
     signature:inspect.Signature|None=field(default=None, repr=False) # the factory's, set by `declare`
     partial:Callable|None=field(default=None, repr=False) # the `Learner` partial, set by `opt_partial`
+    factory:Callable|None=field(default=None, repr=False) # the factory, set by `declare`
 
     def __post_init__(self):
         if (self.eightbit is None) == (self.no_eightbit is None):
@@ -102,6 +108,7 @@ class Declaration:
                              checks=self.checks, group_check=self.group_check, eightbit=self.eightbit,
                              eightbit_args=eightbit_options, fused=self.fused, complex_ok=self.complex_ok,
                              own_decay=self.own_decay, **hypers)
+        opt.factory, opt.options = self.factory, options  # for state dicts in torch's layout
         return self.wrap(opt, **options) if self.wrap else opt
 
 # %% ../nbs/07_declare.ipynb #c5c3106c
@@ -112,8 +119,95 @@ def declare(**fields) -> Callable:
         decl.name, decl.signature = f.__name__, declared_signature(f)
         def factory(*args, **kwargs): return decl.build(*args, **kwargs)
         update_wrapper(factory, f)
-        factory.__signature__, factory.declaration = decl.signature, decl
+        factory.__signature__, factory.declaration, decl.factory = decl.signature, decl, factory
         for s in decl.steppers:  # fastai's `.defaults`, from the signature; a stepper shared keeps its first
             if not hasattr(s, 'defaults'): s.defaults = stepper_defaults(s, decl.signature)
         return factory
     return make_factory
+
+# %% ../nbs/07_declare.ipynb #a7d1c2e1
+TORCH_FLAGS = dict(maximize=False, capturable=False, differentiable=False)  # torch's, taken only at these values
+TORCH_EXCLUDED = {'RMSProp': ('betas',)}  # torch's RMSprop names its hypers `momentum` and `alpha`
+BNB_NESTED = '__bnb_optimizer_quant_state__'  # bitsandbytes' state dicts nest the state tensors under this key
+
+def hyper_names(decl:Declaration) -> list[str]:
+    "The hypers `decl` declares, `lr` first: its signature without `params` and the options every optimizer takes"
+    common = {p.name for p in PATH_OPTIONS}
+    return [n for n in decl.signature.parameters if n != 'params' and n not in common]
+
+def torch_keywords(decl:Declaration) -> dict[str, tuple[str, ...]]:
+    "torch's keyword -> the hypers of `decl` it sets (a tuple of several for `betas` and Adafactor's `eps`)"
+    names, out, taken = hyper_names(decl), {}, set()
+    for t in ('betas', 'momentum', 'alpha', 'weight_decay', 'eps'):
+        ours = our_keywords(t, names)
+        if not ours or not set(ours) <= set(names) or t in TORCH_EXCLUDED.get(decl.name, ()) or (t == 'betas' and len(ours) < 2): continue
+        if t in names or taken & set(ours): continue  # the optimizer's own `alpha` (AdEMAMix, Ranger's Lookahead)
+        out[t], taken = tuple(ours), taken | set(ours)
+    if 'decouple_wd' in names: out['decoupled_weight_decay'] = ('decouple_wd',)
+    return out
+
+def torch_passed(decl:Declaration) -> set[str]:
+    "The hypers torch's keywords leave as they are: neither renamed nor a path switch"
+    covered = {o for os in torch_keywords(decl).values() for o in os}
+    common = {p.name for p in PATH_OPTIONS} - set(PATH_SWITCHES) - {'eightbitargs'}
+    return (set(hyper_names(decl)) | common) - covered - set(decl.options)
+
+def refuse_fastai_names(decl:Declaration, keys, who:str):
+    "A TypeError naming torch's keyword for each fastai hyper in `keys` that torch names otherwise"
+    for k in keys:
+        for t, os in torch_keywords(decl).items():
+            if k in os:
+                use = f"`{t}=`" if len(os) == 1 else f"`{t}=({', '.join(os)})`"
+                raise TypeError(f"`{k}` is the fastai face's name: {who} takes torch's {use}")
+
+def hypers_from_torch(decl:Declaration, g:dict) -> dict:
+    "The fastai hypers of torch-style group `g`: renamed, without `params`, path switches, options or torch's own keys"
+    kw, passed, out = torch_keywords(decl), torch_passed(decl), {}
+    for k, v in g.items():
+        if k in kw:
+            os = kw[k]
+            if len(os) == 1: out[os[0]] = v; continue
+            if not isinstance(v, (tuple, list)) or len(v) != len(os):
+                raise ValueError(f"`{k}` must be a tuple of {len(os)} ({', '.join(os)}), got {v!r}")
+            out.update(zip(os, v))
+        elif k in passed: out[k] = v
+    return out
+
+def hypers_to_torch(decl:Declaration, h:dict) -> dict:
+    "The fastai hypers `h` under torch's names (the inverse of `hypers_from_torch`)"
+    out = {k: v for k, v in h.items() if k in torch_passed(decl)}
+    for t, os in torch_keywords(decl).items():
+        if all(o in h for o in os): out[t] = h[os[0]] if len(os) == 1 else tuple(h[o] for o in os)
+    return out
+
+# %% ../nbs/07_declare.ipynb #a7d1c2e3
+def state_from_torch(decl:Declaration, s:dict, p:Tensor) -> dict:
+    """Parameter `p`'s state saved in torch's layout as the fastai face keeps it: torch's names back to ours,
+    bitsandbytes' nested tensors unnested, copies on `p`'s device, `step` an int (torch's SGD keeps none: a momentum
+    buffer has started)"""
+    s = {**{k: v for k, v in s.items() if k != BNB_NESTED}, **s.get(BNB_NESTED, {})}
+    inverse = {v: k for k, v in decl.torch_state.items()}
+    out = {inverse.get(k, k): v.to(p.device, copy=True) if isinstance(v, Tensor) else v for k, v in s.items()}
+    if 'step' in out: out['step'] = int(round(float(out['step'])))
+    elif out: out['step'] = 1
+    return out
+
+@patch
+def from_torch(self:Declaration, sd:dict, param_lists:list, hypers:list[dict], options:dict) -> dict:
+    """`sd` in torch's layout (torch's optimizer's, bitsandbytes', the torch face's) as the fastai face's state dict,
+    for the loading optimizer's `param_lists`, `hypers` and `options` (Adam's `amsgrad`...); state tensors are copies"""
+    saved, counts = sd['param_groups'], [len(ps) for ps in param_lists]
+    if [len(s['params']) for s in saved] != counts:
+        raise ValueError(f"the saved state has param groups of {[len(s['params']) for s in saved]} parameters; "
+                         f"this optimizer's have {counts}")
+    for s in saved:
+        bad = [k for k, v in s.items() if k in TORCH_FLAGS and v != TORCH_FLAGS[k]]
+        if bad: raise ValueError(f"the saved param groups have `{bad[0]}=True`, which fastxtend_optim does not support")
+        other = [k for k, v in options.items() if k in s and s[k] != v]
+        if other: raise ValueError(f"the saved state was made with `{other[0]}={s[other[0]]!r}`; this optimizer has "
+                                   f"`{other[0]}={options[other[0]]!r}`: build it with the saved value")
+        refuse_fastai_names(self, s, self.name)
+    ids, params = [i for s in saved for i in s['params']], [p for ps in param_lists for p in ps]
+    states = [state_from_torch(self, sd['state'].get(i, sd['state'].get(str(i), {})), p) for i, p in zip(ids, params)]
+    rest = {k: v for k, v in sd.items() if k not in ('state', 'param_groups')}
+    return {**rest, 'state': states, 'hypers': [{**h, **hypers_from_torch(self, s)} for h, s in zip(hypers, saved)]}

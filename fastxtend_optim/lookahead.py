@@ -105,7 +105,8 @@ class Lookahead:
         return {**self.opt.state_dict(), 'lookahead_count': self.count}
 
     def load_state_dict(self, sd:dict):
-        "Load `sd`; parameters saved without slow weights get them at the next step"
+        "Load `sd` (either layout); parameters saved without slow weights get them at the next step"
+        sd = self.opt.fastai_layout(sd)
         count = sd.get('lookahead_count', 0)
         if not (isinstance(count, numbers.Integral) and count >= 0):
             raise ValueError(f"`lookahead_count` must be an int >= 0, got {count!r}")

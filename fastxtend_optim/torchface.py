@@ -9,43 +9,16 @@ from __future__ import annotations
 import inspect, numbers
 from typing import Callable
 import torch
-from torch import Tensor
 from fastcore.foundation import L
-from .base import our_keywords, check_hypers, check_params
-from .core import STORAGE_CHECKS
-from .declare import PATH_OPTIONS, PATH_SWITCHES
+from .base import check_params
+from .declare import (PATH_SWITCHES, TORCH_FLAGS, torch_keywords, refuse_fastai_names, hypers_from_torch,
+                                     hypers_to_torch)
 from .registry import REGISTRY, Entry
 
 # %% auto #0
-__all__ = ['TORCH_FLAGS', 'EXCLUDED', 'TORCH_STATE_KEYS', 'TORCH_DEFAULTS', 'TORCH_SPELLING', 'TORCH_FACES', 'hyper_names',
-           'torch_keywords', 'TorchFace', 'torch_face', 'torch_optimizer', 'Lion', 'Adam', 'AdamW', 'Lars', 'SGD',
-           'RMSprop', 'Adagrad', 'RAdam', 'QHAdam', 'Lamb', 'AdEMAMix', 'Ranger', 'Adan', 'StableAdamW', 'ADOPT',
-           'Sophia', 'Muon', 'ScheduleFreeAdamW', 'Prodigy', 'CAME', 'Adafactor']
-
-# %% ../nbs/45_torch.ipynb #3b5309a6
-TORCH_FLAGS = dict(maximize=False, capturable=False, differentiable=False)  # torch's, taken only at these values
-EXCLUDED = {'RMSProp': ('betas',)}  # torch's RMSprop names its hypers `momentum` and `alpha`
-
-def hyper_names(factory:Callable) -> list[str]:
-    "The hypers `factory` declares, `lr` first: its signature without `params` and the options every optimizer takes"
-    common = {p.name for p in PATH_OPTIONS}
-    return [n for n in factory.declaration.signature.parameters if n != 'params' and n not in common]
-
-def torch_keywords(factory:Callable) -> dict[str, tuple[str, ...]]:
-    "torch's keyword -> the hypers of `factory` it sets (a tuple of several for `betas` and Adafactor's `eps`)"
-    names, out, taken = hyper_names(factory), {}, set()
-    for t in ('betas', 'momentum', 'alpha', 'weight_decay', 'eps'):
-        ours = our_keywords(t, names)
-        if not ours or not set(ours) <= set(names) or t in EXCLUDED.get(factory.__name__, ()) or (t == 'betas' and len(ours) < 2): continue
-        if t in names or taken & set(ours): continue  # the optimizer's own `alpha` (AdEMAMix, Ranger's Lookahead)
-        out[t], taken = tuple(ours), taken | set(ours)
-    if 'decouple_wd' in names: out['decoupled_weight_decay'] = ('decouple_wd',)
-    return out
-
-# %% ../nbs/45_torch.ipynb #e4c9a606
-TORCH_STATE_KEYS = dict(Adam=dict(grad_avg='exp_avg', sqr_avg='exp_avg_sq', max_sqr_avg='max_exp_avg_sq'),
-                        SGD=dict(grad_avg='momentum_buffer'), Adagrad=dict(sqr_sum='sum'),
-                        RMSProp=dict(sqr_avg='square_avg'))
+__all__ = ['TORCH_DEFAULTS', 'TORCH_SPELLING', 'TORCH_FACES', 'TorchFace', 'torch_face', 'torch_optimizer', 'Lion', 'Adam',
+           'AdamW', 'Lars', 'SGD', 'RMSprop', 'Adagrad', 'RAdam', 'QHAdam', 'Lamb', 'AdEMAMix', 'Ranger', 'Adan',
+           'StableAdamW', 'ADOPT', 'Sophia', 'Muon', 'ScheduleFreeAdamW', 'Prodigy', 'CAME', 'Adafactor']
 
 # %% ../nbs/45_torch.ipynb #1c59ac1c
 class TorchFace(torch.optim.Optimizer):
@@ -56,11 +29,7 @@ class TorchFace(torch.optim.Optimizer):
 
     def __init__(self, params, **kwargs):
         if self.entry is None: raise TypeError("`TorchFace` is generic: use one of its subclasses, such as `AdamW`")
-        factory = self.entry.factory
-        decl, self._keywords = factory.declaration, torch_keywords(factory)
-        self._covered = {o for os in self._keywords.values() for o in os}  # fastai names that torch names otherwise
-        common = {p.name for p in PATH_OPTIONS} - set(PATH_SWITCHES)
-        self._names = (set(hyper_names(factory)) | common) - self._covered  # passed through unchanged
+        self.decl = decl = self.entry.declaration
         self._refuse_keywords(kwargs)
         defaults = self.face_defaults()
         flags = {k: kwargs.pop(k) for k in list(kwargs) if k in TORCH_FLAGS}
@@ -76,14 +45,15 @@ class TorchFace(torch.optim.Optimizer):
             for k in self._fixed:
                 if g[k] != self.param_groups[0][k]: raise ValueError(f"`{k}` must be the same in every param group")
         g0 = self.param_groups[0]
-        self.fx = factory([g['params'] for g in self.param_groups], **self._ours(g0),
-                          **{k: g0[k] for k in self._fixed}, **self._eightbitargs)
+        self.fx = self.entry.factory([g['params'] for g in self.param_groups], **hypers_from_torch(decl, g0),
+                                     **{k: g0[k] for k in self._fixed}, **self._eightbitargs)
         self._sync()
 
     @classmethod
     def face_defaults(cls) -> dict:
         "Every keyword's default under torch's names: the declared ones, torch's where torch has the optimizer, `lr=1e-3`"
-        sig, kw = cls.entry.factory.declaration.signature.parameters, torch_keywords(cls.entry.factory)
+        decl = cls.entry.declaration
+        sig, kw = decl.signature.parameters, torch_keywords(decl)
         first = {os[0]: t for t, os in kw.items()}  # a torch keyword takes the place of its first hyper
         covered, out = {o for os in kw.values() for o in os}, {}
         for n, p in sig.items():
@@ -108,40 +78,7 @@ class TorchFace(torch.optim.Optimizer):
 
     def __getstate__(self): return dict(self.__dict__)
 
-    def _refuse_keywords(self, keys):
-        "A TypeError naming torch's keyword for each fastai name that torch names otherwise"
-        for k in keys:
-            for t, os in self._keywords.items():
-                if k in os:
-                    use = f"`{t}=`" if len(os) == 1 else f"`{t}=({', '.join(os)})`"
-                    raise TypeError(f"`{k}` is the fastai face's name: {type(self).__name__} takes torch's {use}")
-
-    @staticmethod
-    def _pack(values:list): return values[0] if len(values) == 1 else tuple(values)
-
-    def _ours(self, g:dict) -> dict:
-        "The fastai face's hypers of torch group `g`: translated, without `params`, path switches, options or torch's own keys"
-        out = {}
-        for k, v in g.items():
-            if k == 'params' or k in self._fixed or k in TORCH_FLAGS: continue
-            os = self._keywords.get(k)
-            if os is None:
-                if k in self._names: out[k] = v
-                continue
-            if len(os) == 1: out[os[0]] = v; continue
-            if not isinstance(v, (tuple, list)) or len(v) != len(os):
-                raise ValueError(f"`{k}` must be a tuple of {len(os)} ({', '.join(os)}), got {v!r}")
-            out.update(zip(os, v))
-        return out
-
-    def _torch(self, h:dict) -> dict:
-        "The fastai face's hypers `h` under torch's names (the inverse of `_ours`)"
-        out = {k: v for k, v in h.items() if k in self._names}
-        for t, os in self._keywords.items():
-            if all(o in h for o in os):
-                out[t] = self._pack([h[o] for o in os])
-                for o in os: out.pop(o, None)
-        return out
+    def _refuse_keywords(self, keys): refuse_fastai_names(self.entry.declaration, keys, type(self).__name__)
 
     def add_param_group(self, group:dict):
         "torch's `add_param_group`; a fastai name in `group` gets a TypeError, and after building the group joins `fx`"
@@ -154,7 +91,7 @@ class TorchFace(torch.optim.Optimizer):
         fx.param_lists.append(L(g['params']))
         fx.hypers.append(dict(fx.hypers[0]))
         try:
-            check_params(fx.param_lists, self.entry.declaration.complex_ok, fx.path)
+            check_params(fx.param_lists, self.decl.complex_ok, fx.path)
             self._sync()
         except (ValueError, TypeError):
             fx.param_lists.pop(); fx.hypers.pop(); self.param_groups.pop()
@@ -162,27 +99,14 @@ class TorchFace(torch.optim.Optimizer):
         fx.runner.reset()
 
     def _sync(self):
-        "Copy each torch group's hypers into the fastai face's, checked as `set_hyper` checks: all or none change"
-        fx, news = self.fx, []
-        for i, g in enumerate(self.param_groups):
+        "Copy each torch group's changed hypers into the fastai face's, through its `update_hypers`: all or none change"
+        changes = []
+        for g, h in zip(self.param_groups, self.fx.hypers):
             for k in self._fixed:
                 if g[k] != self.defaults[k]: raise ValueError(f"`{k}` cannot change after the optimizer is built")
-            self._refuse_keywords(k for k in g if k in self._covered)  # `group['wd'] = ...` after building
-            h = fx.hypers[i]
-            new = {k: v for k, v in self._ours(g).items() if not (k in h and _same(h[k], v))}  # what changed
-            if not new: news.append(None); continue
-            check_hypers(fx.checks, **new)
-            fx.check_group({**h, **new})
-            news.append(new)
-        if not any(n is not None for n in news): return
-        before = [dict(h) for h in fx.hypers]
-        for h, n in zip(fx.hypers, news):
-            if n is not None: h.update(n)
-        try: fx.check_param_groups()
-        except ValueError:
-            for h, old in zip(fx.hypers, before): h.clear(); h.update(old)
-            raise
-        if any(n is not None and set(n) & set(STORAGE_CHECKS) for n in news): fx.runner.reset()  # as `set_hyper`
+            self._refuse_keywords(g)  # `group['wd'] = ...` after building
+            changes.append({k: v for k, v in hypers_from_torch(self.decl, g).items() if not (k in h and _same(h[k], v))})
+        if any(changes): self.fx.update_hypers(changes)
 
     def step(self, closure:Callable|None=None):
         "torch's `step`: `closure` (evaluated with gradients on) gives the loss returned; the fastai face steps"
@@ -206,7 +130,7 @@ def _same(a, b) -> bool:
 # %% ../nbs/45_torch.ipynb #beed524a
 def _torch_state_dict(self) -> dict:
     "The state in torch's layout, with torch's state key names where torch has the optimizer"
-    sd, keys = self.fx.state_dict(), TORCH_STATE_KEYS.get(self.entry.factory.__name__, {})
+    sd, keys = self.fx.state_dict(), self.decl.torch_state
     state = {}
     for i, s in enumerate(sd['state']):
         if not s: continue
@@ -220,36 +144,14 @@ def _torch_state_dict(self) -> dict:
     return {**{k: v for k, v in sd.items() if k not in ('state', 'hypers')}, 'state': state, 'param_groups': groups}
 
 def _torch_load_state_dict(self, sd:dict):
-    "Load `sd`: torch's layout (this face's or torch's own optimizer's), or the fastai face's"
-    if 'param_groups' not in sd:  # the fastai face's layout
-        self.fx.load_state_dict(sd)
-        for g, h in zip(self.param_groups, self.fx.hypers): g.update(self._torch(h))
-        return
-    saved = sd['param_groups']
-    if len(saved) != len(self.param_groups) or any(len(s['params']) != len(g['params'])
-                                                   for s, g in zip(saved, self.param_groups)):
-        raise ValueError(f"the saved state has param groups of {[len(s['params']) for s in saved]} parameters; "
-                         f"this optimizer's have {[len(g['params']) for g in self.param_groups]}")
-    bad = [k for s in saved for k, v in s.items() if k in TORCH_FLAGS and v != TORCH_FLAGS[k]]
-    if bad: raise ValueError(f"the saved param groups have `{bad[0]}=True`, which fastxtend_optim does not support")
-    inverse = {v: k for k, v in TORCH_STATE_KEYS.get(self.entry.factory.__name__, {}).items()}
-    states, groups = [], []
-    for s, g in zip(saved, self.param_groups):
-        for i, p in zip(s['params'], g['params']):
-            t = sd['state'].get(i, sd['state'].get(str(i), {}))
-            # copies: a live optimizer's state dict (torch's, or this face's) stays its own
-            ours = {inverse.get(k, k): v.to(p.device, copy=True) if isinstance(v, Tensor) and k != 'step' else v
-                    for k, v in t.items()}
-            if 'step' in ours: ours['step'] = int(round(float(ours['step'])))
-            elif ours: ours['step'] = 1  # torch's SGD keeps no count: its momentum buffer has started
-            states.append(ours)
-        new = {**g, **{k: v for k, v in s.items() if k != 'params' and k not in self._fixed and k not in TORCH_FLAGS}}
-        self._refuse_keywords(k for k in new if k in self._covered)
-        groups.append(new)
-    hypers = [{**h, **self._ours(g)} for h, g in zip(self.fx.hypers, groups)]
-    self.fx.load_state_dict({**{k: v for k, v in sd.items() if k not in ('state', 'param_groups')},
-                             'state': states, 'hypers': hypers})
-    for g, new in zip(self.param_groups, groups): g.update(new)
+    """Load `sd`, in either layout: torch's (this face's, torch's own optimizer's, bitsandbytes') or the fastai face's.
+    The fastai face converts and checks it; the groups then take its hypers, and the saved keys torch's own would keep
+    (a scheduler's `initial_lr`)"""
+    self.fx.load_state_dict(sd)
+    saved = sd.get('param_groups', [{}] * len(self.param_groups))
+    for g, s, h in zip(self.param_groups, saved, self.fx.hypers):
+        g.update({k: v for k, v in s.items() if k != 'params' and k not in self._fixed and k not in TORCH_FLAGS})
+        g.update(hypers_to_torch(self.decl, h))
 
 TorchFace.state_dict, TorchFace.load_state_dict = _torch_state_dict, _torch_load_state_dict
 
@@ -264,7 +166,7 @@ def torch_face(entry:Entry, name:str|None=None) -> type:
     "The `TorchFace` subclass of registry `entry`, named `name` (its factory's, or torch's spelling of it)"
     fname = entry.factory.__name__
     name = name or TORCH_SPELLING.get(fname, fname)
-    kw = torch_keywords(entry.factory)
+    kw = torch_keywords(entry.declaration)
     mapping = ', '.join(f"`{t}` -> `{', '.join(os)}`" for t, os in kw.items())
     doc = (f"`{fname}` as a `torch.optim.Optimizer`: the fastai face `{entry.module}.{fname}` steps underneath. "
            f"torch's keywords: {mapping}; the other hypers keep the fastai face's names")
