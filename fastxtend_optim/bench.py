@@ -10,25 +10,29 @@ from __future__ import annotations
 import importlib, importlib.util, math, os, statistics, sys, tempfile, time, warnings
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Callable
 import pandas as pd
 import torch
 from fastcore.script import call_parse
+from fastcore.imports import IN_NOTEBOOK
 from fastprogress.fastprogress import progress_bar
 from .lion import lion_step
 from .sophia import SophiaCallback
 from .schedulefree import ScheduleFreeCallback
 from .registry import REGISTRY
+from .declare import hyper_names, hypers_to_torch
+from .torchface import TORCH_FACES
 from .demo import digits_dls, digits_learner, PATH_FUNCS
 from .profiler import markdown_table  # also patches `Learner.profile`
 
 # %% auto #0
 __all__ = ['PATHS', 'BENCH_SETTINGS', 'OPTIMIZERS', 'LOWBIT_PATHS', 'RUN_PATHS', 'SIZES', 'MODEL_OPTS', 'MEMORY_OPTS', 'ADAM_KW',
            'SA_KW', 'FASTAI', 'BNB', 'OPTIMI', 'TORCHAO', 'STEP_HYPERS', 'PEERS', 'COMPILE_NOTE', 'PRECOMPILE_SHAPES',
-           'bench_entry', 'has_path', 'BenchError', 'fail', 'check_choices', 'check_positive', 'resolve_device',
-           'check_eightbit', 'launched', 'per_process', 'warmup_batches', 'train_runs', 'speedup_table', 'model_shapes',
-           'synthetic_params', 'fastai_lion_step', 'TorchMuonAdamW', 'step_implementations', 'FloorCopy', 'state_bytes',
-           'step_table', 'fxo_bench', 'run_bench', 'precompile_fused', 'hardware', 'model_header']
+           'bench_entry', 'has_path', 'BenchError', 'stages', 'fail', 'check_choices', 'check_positive',
+           'resolve_device', 'check_eightbit', 'launched', 'per_process', 'warmup_batches', 'train_runs',
+           'speedup_table', 'model_shapes', 'synthetic_params', 'fastai_lion_step', 'torch_face_hypers',
+           'TorchMuonAdamW', 'step_implementations', 'FloorCopy', 'state_bytes', 'step_table', 'fxo_bench', 'run_bench',
+           'precompile_fused', 'hardware', 'model_header']
 
 # %% ../nbs/42_bench.ipynb #8f60cae0
 PATHS = tuple(PATH_FUNCS)
@@ -76,6 +80,15 @@ SIZES = {'small': (0.4, 96), 'medium': (5.5, 600), 'large': (22, 600), 'xl': (35
 
 # %% ../nbs/42_bench.ipynb #5dee9b60
 class BenchError(Exception): "A bad option, reported in one line"
+
+def stages(items, what:str='', name:Callable=str):
+    """fastprogress' bar on a terminal or in a notebook; in a file or a pipe (CI's log, `tee`), where the bar would print
+    every update on one line, one short line per item saying `what` it does (nothing without `what`)"""
+    items = list(items)
+    if sys.stdout.isatty() or IN_NOTEBOOK: yield from progress_bar(items, leave=False); return
+    for i, item in enumerate(items):
+        if what: print(f'{what} {i + 1}/{len(items)}: {name(item)}', flush=True)
+        yield item
 
 def fail(msg:str):
     "Print `fxo-bench: error: msg` and exit with status 2"
@@ -159,7 +172,7 @@ def train_runs(opts:list, paths:list, epochs:int=2, bs:int|None=None, device='cp
         dls = synthetic_dls(model, steps, bs or batch_size(model, device), device, full_size)
         learner, warmup, epochs = (lambda fn: model_learner(model, fn, dls)), warmup_batches(per_process(steps)), 1
     rows, unit = [], ('state_kb', 1024) if model == 'digits' else ('state_mb', 2**20)
-    for name, path in progress_bar([(o, p) for o in opts for p in paths if has_path(o, p)], leave=False):
+    for name, path in stages([(o, p) for o in opts for p in paths if has_path(o, p)], 'training', lambda r: ' '.join(r)):
         learn = learner(OPTIMIZERS[name]['partial'](**RUN_PATHS[path]))
         run = _profiled_fit(learn, name, epochs, warmup)
         row = dict(optimizer=name, path=path)
@@ -199,8 +212,20 @@ def fastai_lion_step(p, lr, beta1, beta2, grad_avg=None, **kwargs):
     return {'grad_avg': grad_avg}
 fastai_lion_step.defaults = dict(beta1=0.9, beta2=0.99)
 
-def _ours(opt_fn, paths, **hypers) -> dict:
-    return {f'fastxtend_optim {p}': (lambda ps, kw=RUN_PATHS[p]: opt_fn(ps, **hypers, **kw)) for p in paths}
+def torch_face_hypers(name:str, hypers:dict) -> dict:
+    "`hypers` and the other declared defaults under the torch face's names: the fastai face's math, not torch's defaults"
+    decl = REGISTRY[name].declaration
+    declared = {n: p.default for n, p in decl.signature.parameters.items() if n in hyper_names(decl) and p.default is not p.empty}
+    return hypers_to_torch(decl, {**declared, **hypers})
+
+def _ours(name:str, paths, **hypers) -> dict:
+    "Our implementations on `paths`: the fastai face (`fastxtend_optim PATH`) and the torch face (`torch face PATH`)"
+    opt_fn, face, torch_hypers = OPTIMIZERS[name]['opt'], TORCH_FACES[name], torch_face_hypers(name, hypers)
+    out = {}
+    for p in paths:
+        out[f'fastxtend_optim {p}'] = lambda ps, kw=RUN_PATHS[p]: opt_fn(ps, **hypers, **kw)
+        out[f'torch face {p}'] = lambda ps, kw=RUN_PATHS[p]: face(ps, **torch_hypers, **kw)
+    return out
 
 def _peer(impls:dict, notes:list, name:str, module:str, make):
     "Add a peer from an optional package, or note that it is skipped"
@@ -289,7 +314,7 @@ def step_implementations(name:str, paths, notes:list) -> dict:
     "Implementation name -> factory(params): our paths, then the peers that are installed"
     ours = [p for p in paths if has_path(name, p)]
     notes += [f'{name} has no {p} path, skipped' for p in paths if p not in ours]
-    impls = _ours(OPTIMIZERS[name]['opt'], ours, **STEP_HYPERS[name])
+    impls = _ours(name, ours, **STEP_HYPERS[name])
     for label, module, make in PEERS[name]:
         _peer(impls, notes, label, module, lambda m, make=make: lambda ps: make(m, ps))
     return impls
@@ -340,7 +365,7 @@ def step_table(name:str, shapes:list, paths, device, rounds:int=11, warmup:int=3
         for opt in opts.values():
             for _ in range(warmup - 1): opt.step()
         times = {impl: [] for impl in [*opts, 'floor']}
-        for _ in progress_bar(range(rounds), leave=False):  # the floor copy takes its turn in every round
+        for _ in stages(range(rounds)):  # the floor copy takes its turn in every round
             for impl, opt in opts.items(): times[impl].append(_timed_ms(opt.step, device))
             times['floor'].append(_timed_ms(floor_copy, device) * floor_copy.scale)
     med = pd.Series({impl: statistics.median(ts) for impl, ts in times.items()})
@@ -426,7 +451,7 @@ def precompile_fused(opts:list, device) -> list:
     "Step each optimizer's fused path on two small tensors, so that compiling is done, and shown, before any timing"
     names = [o for o in opts if has_path(o, 'fused')]
     if names: print(COMPILE_NOTE)
-    for name in progress_bar(names, leave=False):
+    for name in stages(names, 'compiling'):
         params = synthetic_params(PRECOMPILE_SHAPES, device)
         opt = OPTIMIZERS[name]['partial'](**PATH_FUNCS['fused'])(params, lr=OPTIMIZERS[name]['lr'])
         with warnings.catch_warnings():

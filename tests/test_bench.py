@@ -30,6 +30,9 @@ def test_train_prints_and_writes_the_speedup_table(tmp_path):
     assert res.returncode == 0, res.stderr
     assert 'ForEach speedup' in res.stdout and 'native step (ms)' in res.stdout
     assert bench.COMPILE_NOTE in res.stdout  # said before the fused runs compile
+    # piped, as CI's log is: one short line per stage, not fastprogress' bar rewritten on one line
+    assert 'training 1/8: lion native' in res.stdout and 'compiling 2/2: adam' in res.stdout
+    assert max(map(len, res.stdout.splitlines())) < 200
     md = (tmp_path / 'fxo-bench' / 'train.md').read_text()
     rows = md_rows(md)
     assert set(rows) == {'lion', 'adam'}
@@ -51,6 +54,8 @@ def test_step_small_prints_ratios_against_peers(tmp_path):
     assert 'floor 20 B/param' in res.stdout
     rows = md_rows((tmp_path / 'fxo-bench' / 'step.md').read_text())
     assert {'fastxtend_optim foreach', 'fastai Optimizer loop', 'lion-pytorch', 'bitsandbytes Lion8bit'} <= set(rows)
+    assert {f'torch face {p}' for p in ('native', 'foreach', 'fused', 'eightbit')} <= set(rows)
+    assert max(map(len, res.stdout.splitlines())) < 200
     assert float(rows['fastxtend_optim foreach'][0][1]) == 1.0  # × ForEach of itself
     ms, ratio = float(rows['lion-pytorch'][0][0]), float(rows['lion-pytorch'][0][1])
     assert ratio == pytest.approx(ms / float(rows['fastxtend_optim foreach'][0][0]), rel=0.02)
@@ -153,3 +158,13 @@ def test_every_registered_optimizer_has_bench_settings():
     from fastxtend_optim.registry import REGISTRY
     assert sorted(bench.BENCH_SETTINGS) == sorted(REGISTRY)
     assert all(bench.OPTIMIZERS[n]['paths'] == e.paths for n, e in REGISTRY.items())
+
+
+def test_the_torch_face_rows_step_the_fastai_rows_hypers():
+    "The torch face's defaults are torch's where torch has the optimizer: its rows take the fastai face's instead"
+    for name in bench.OPTIMIZERS:
+        if name not in bench.STEP_HYPERS: continue
+        impls = bench._ours(name, ['foreach'], **bench.STEP_HYPERS[name])
+        ours = impls['fastxtend_optim foreach'](bench.synthetic_params([(8, 4), (4,)], 'cpu'))
+        face = impls['torch face foreach'](bench.synthetic_params([(8, 4), (4,)], 'cpu'))
+        assert face.fx.hypers == ours.hypers, name
