@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
 jupyter nbconvert --log-level=ERROR --to markdown nbs/index.ipynb --output-dir "$out" --output README
-# drop nbdev's directive lines (#| ...) that nbconvert keeps in code blocks
-grep -v '^#| ' "$out/README.md" | cat -s > "$out/README.clean.md"
+# drop nbdev's directive lines (#| ...) that nbconvert keeps in code blocks; the notebook links its siblings
+# (`03_distributed.ipynb`), which from the repository's root are under nbs/ (the docs site makes them pages)
+grep -v '^#| ' "$out/README.md" | sed -E 's#\]\(([0-9]+[a-z0-9]*_[A-Za-z0-9_]+\.ipynb)#](nbs/\1#g' | cat -s > "$out/README.clean.md"
 if [ "${1:-}" = --check ]; then
   diff -u README.md "$out/README.clean.md" || { echo "README.md is out of date: run bash tools/readme.sh"; exit 1; }
 else
