@@ -124,6 +124,15 @@ def test_fastai_keywords_are_refused_with_torch_names():
     with pytest.raises(TypeError, match='weight_decay'): opt.step()
 
 
+@pytest.mark.parametrize('path', ['foreach', 'eightbit'])
+def test_torch_keywords_are_refused_by_the_fastai_face_with_fastai_names(path):
+    ps = make_params()
+    for name, kw, ours in [('adam', dict(weight_decay=0.1), '`wd=`'), ('adam', dict(betas=(0.9, 0.99)), '`mom=`, `sqr_mom=`'),
+                           ('adam', dict(decoupled_weight_decay=False), '`decouple_wd=`'), ('sgd', dict(momentum=0.9), '`mom=`'),
+                           ('lion', dict(betas=(0.9, 0.99)), '`beta1=`, `beta2=`'), ('rmsprop', dict(alpha=0.9), '`sqr_mom=`')]:
+        with pytest.raises(TypeError, match=ours): REGISTRY[name].factory(ps, lr=1e-3, **kw, **PATH_KWARGS[path])
+
+
 def test_bad_values_raise_the_fastai_faces_error_and_change_nothing():
     ps = make_params()
     with pytest.raises(ValueError, match='`mom` must be in'): fxt.AdamW(ps, betas=(1.5, 0.9))
