@@ -3,12 +3,22 @@
 Each trains a tiny model on the CPU, saves a checkpoint mid-run, resumes from it and compares with the uninterrupted
 run. These need transformers and Lightning importable, so a torchvision that cannot load beside torch must not be
 installed (`tools/install.sh dev` removes it; CONTRIBUTING.md says why)."""
-import math
+import importlib.util, math
 import pytest
 import torch
 from fastxtend_optim import torchface as fxt
 
 pytestmark = pytest.mark.cpu_only(reason="the trainers run on the CPU (use_cpu, accelerator='cpu')")
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _importable_torchvision_or_none():
+    "Say what is wrong where a torchvision that cannot load is installed (transformers' own error hides it)"
+    if importlib.util.find_spec('torchvision') is None: return
+    try: import torchvision  # noqa: F401
+    except Exception as e:
+        pytest.fail(f'torchvision is installed but cannot import ({type(e).__name__}: {e}); transformers and Lightning '
+                    'fail with it: `bash tools/install.sh dev` removes it (CONTRIBUTING.md)', pytrace=False)
 
 V, T, N = 64, 16, 64  # vocabulary, sequence length, sequences
 
