@@ -249,11 +249,19 @@ def process_notebooks():
     proc_nbs(str(NBS), n_workers=2)
 
 
+def readable(e: Exception) -> str:
+    "An error from nbdev's worker processes, whose message arrives quoted"
+    import ast
+    try: return ast.literal_eval(str(e))
+    except (ValueError, SyntaxError): return str(e)
+
+
 def build() -> int:
     try: process_notebooks()
-    except Exception as e:  # nbdev runs each notebook's imports and show_doc cells: a broken cell stops it
-        print(f'{str(e).splitlines()[0] if str(e) else e!r}\nnbdev could not process the notebook above (its cell '
-              'and error are in the traceback): a notebook that does not run does not render')
+    except Exception as e:  # nbdev runs each notebook's export, import and show_doc cells: a failing one stops it
+        print(f'{readable(e)}\n\nnbdev could not process that notebook, so it does not render. nbdev '
+              'runs only the cells it needs (exports, imports, show_doc): a cell that mixes an import with code using '
+              'an earlier test cell\'s names fails here though nbdev-test passes; give the import a cell of its own')
         return 1
     stage()
     html = ROOT / 'build' / 'docs-html'  # MyST-NB writes its outputs' files beside it, into build/jupyter_execute
