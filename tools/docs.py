@@ -185,19 +185,11 @@ def stage_cell(cell: dict) -> list[dict]:
     return [dict(cell, source=code, metadata={'tags': tags}, outputs=cell.get('outputs', []))]
 
 
-def frontmatter(cells: list[dict]) -> dict[str, str]:
-    "nbdev's processed notebook starts with a raw cell of Quarto front matter: its title and description"
-    import yaml
-    raw = ''.join(cells[0]['source']) if cells and cells[0]['cell_type'] == 'raw' else ''
-    return (yaml.safe_load(raw.strip().strip('-')) or {}) if raw.strip().startswith('---') else {}
-
-
-def staged_cells(src: Path) -> list[dict]:
-    "A processed notebook's cells for its page: its title and description, then its cells"
-    cells = json.loads(src.read_text())['cells']
-    meta = frontmatter(cells)
-    head = f"# {meta.get('title', src.stem)}\n\n" + (f"{meta['description']}\n" if meta.get('description') else '')
-    return [markdown_cell(head, 'fxo-title')] + [new for cell in cells for new in stage_cell(cell)]
+def staged_cells(nb: Notebook, processed: Path) -> list[dict]:
+    "A page's cells: the notebook's title and whole description (nbdev's front matter cuts it), then its cells"
+    head = f'# {nb.title}\n\n{nb.description}\n'
+    return [markdown_cell(head, 'fxo-title')] + [new for cell in json.loads(processed.read_text())['cells']
+                                                  for new in stage_cell(cell)]
 
 
 def write_page(dest: Path, cells: list[dict], anchors: dict[str, set[str]], prefix: str):
@@ -235,8 +227,9 @@ def stage(src: Path = SRC):
     for name in ('conf.py', 'pandoc_ids.py'): shutil.copy(CONF / name, src)
     shutil.copy(CONF / 'site.css', src / '_static')
     copy_mathjax(src / '_static')
-    pages = {nb.page: staged_cells(PROC / nb.path.name) for nb in notebooks()}
-    pages['index'] = staged_cells(PROC / 'index.ipynb') + [markdown_cell(toctree(), 'fxo-nav')]
+    pages = {nb.page: staged_cells(nb, PROC / nb.path.name) for nb in notebooks()}
+    index = read_notebook(NBS / 'index.ipynb')
+    pages['index'] = staged_cells(index, PROC / 'index.ipynb') + [markdown_cell(toctree(), 'fxo-nav')]
     anchors = {name: heading_anchors(cells) for name, cells in pages.items()}
     for name, cells in pages.items(): write_page(src / f'{name}.ipynb', cells, anchors, doc_prefix())
 
