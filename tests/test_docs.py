@@ -17,7 +17,9 @@ NOTEBOOKS = sorted(p.name for p in (ROOT / 'nbs').glob('[0-9]*.ipynb'))
 def write_notebook(path: Path, title: str, cells=()):
     cells = [{'cell_type': 'markdown', 'id': 'title', 'metadata': {}, 'source': f'# {title}\n\n> About {title}.'},
              *cells]
-    path.write_text(json.dumps({'cells': cells, 'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}))
+    meta = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'},
+            'language_info': {'name': 'python'}}
+    path.write_text(json.dumps({'cells': cells, 'metadata': meta, 'nbformat': 4, 'nbformat_minor': 5}))
 
 
 # --- the navigation ---
@@ -165,19 +167,30 @@ def png(width: int, height: int) -> bytes:
             + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
 
 
-def test_an_image_output_is_an_image_that_loads(browser, tmp_path):
-    "A notebook's plot output (as a benchmark cell's) becomes an <img> on its page, with its real size"
-    import base64
-    src = tmp_path / 'src'
+def build_fixture(root: Path, cells: list[dict]) -> subprocess.CompletedProcess:
+    "Sphinx, configured as the site is, over one notebook of `cells`, into root/html"
+    src = root / 'src'
     (src / '_static').mkdir(parents=True)
     for name in ('conf.py', 'pandoc_ids.py'): shutil.copy(docs.CONF / name, src)
     shutil.copy(docs.CONF / 'site.css', src / '_static')
+    write_notebook(src / 'index.ipynb', 'Fixture', cells)
+    return subprocess.run([sys.executable, '-m', 'sphinx', '-b', 'html', '-q', '-W', str(src), str(root / 'html')],
+                          capture_output=True, text=True)
+
+
+def test_a_notebook_that_does_not_parse_fails_the_build(tmp_path):
+    bad = {'cell_type': 'markdown', 'id': 'bad', 'metadata': {}, 'source': '```{no-such-directive}\nx\n```'}
+    done = build_fixture(tmp_path, [bad])
+    assert done.returncode != 0 and 'no-such-directive' in done.stderr
+
+
+def test_an_image_output_is_an_image_that_loads(browser, tmp_path):
+    "A notebook's plot output (as a benchmark cell's) becomes an <img> on its page, with its real size"
+    import base64
     plot = {'cell_type': 'code', 'id': 'plot', 'metadata': {}, 'execution_count': 1, 'source': 'plot()',
             'outputs': [{'output_type': 'display_data', 'metadata': {},
                          'data': {'image/png': base64.b64encode(png(64, 48)).decode(), 'text/plain': 'plot'}}]}
-    write_notebook(src / 'index.ipynb', 'Plots', [plot])
-    done = subprocess.run([sys.executable, '-m', 'sphinx', '-b', 'html', '-q', str(src), str(tmp_path / 'html')],
-                          capture_output=True, text=True)
+    done = build_fixture(tmp_path, [plot])
     assert done.returncode == 0, done.stderr
     facts = browser.open((tmp_path / 'html' / 'index.html').as_uri()).evaluate(PAGE_FACTS)
     assert [img['width'] for img in facts['images']] == [64]
