@@ -240,6 +240,7 @@ STEP_HYPERS = {  # our hypers in the step benchmark; the peers below are set to 
     'adan': dict(lr=1e-3), 'stableadamw': dict(lr=1e-3, wd=0.01), 'adopt': dict(lr=1e-3),
     'sophia': dict(lr=1e-4), 'muon': dict(lr=1e-3),
     'schedulefree_adamw': dict(lr=1e-3, wd=0.01, warmup_steps=10),
+    'adafactor': dict(lr=1e-2), 'came': dict(lr=2e-4), 'prodigy': dict(lr=1.),
 }
 
 class TorchMuonAdamW:
@@ -306,6 +307,9 @@ PEERS = {  # optimizer -> [(name, module, make(module, params))]
     'muon': [('torch Muon + AdamW foreach', 'torch.optim', lambda m, ps: TorchMuonAdamW(ps))],
     'schedulefree_adamw': [('schedulefree AdamWScheduleFree foreach', 'schedulefree', lambda m, ps: _train_mode(
         m.AdamWScheduleFree(ps, lr=1e-3, weight_decay=0.01, warmup_steps=10, foreach=True)))],
+    'adafactor': [('torch Adafactor foreach', 'torch.optim', lambda m, ps: m.Adafactor(ps, lr=1e-2, foreach=True))],
+    'came': [('came-pytorch CAME', 'came_pytorch', lambda m, ps: m.CAME(ps, lr=2e-4))],
+    'prodigy': [('prodigyopt Prodigy', 'prodigyopt', lambda m, ps: m.Prodigy(ps, lr=1.))],
 }
 
 def step_implementations(name:str, paths, notes:list) -> dict:

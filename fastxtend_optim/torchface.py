@@ -127,7 +127,8 @@ def _same(a, b) -> bool:
 
 # %% ../nbs/45_torch.ipynb #beed524a
 def _torch_state_dict(self) -> dict:
-    "The state in torch's layout, with torch's state key names where torch has the optimizer"
+    "The state in torch's layout, with torch's state key names where torch has the optimizer; torch's hooks run"
+    for hook in self._optimizer_state_dict_pre_hooks.values(): hook(self)
     sd, keys = self.fx.state_dict(), self.decl.torch_state
     state = {}
     for i, s in enumerate(sd['state']):
@@ -139,17 +140,21 @@ def _torch_state_dict(self) -> dict:
     for g in self.param_groups:
         groups.append({**{k: v for k, v in g.items() if k != 'params'}, 'params': list(range(n, n + len(g['params'])))})
         n += len(g['params'])
-    return {**{k: v for k, v in sd.items() if k not in ('state', 'hypers')}, 'state': state, 'param_groups': groups}
+    out = {**{k: v for k, v in sd.items() if k not in ('state', 'hypers')}, 'state': state, 'param_groups': groups}
+    for hook in self._optimizer_state_dict_post_hooks.values(): out = hook(self, out) or out
+    return out
 
 def _torch_load_state_dict(self, sd:dict):
     """Load `sd`, in either layout: torch's (this face's, torch's own optimizer's, bitsandbytes') or the fastai face's.
     The fastai face converts and checks it; the groups then take its hypers, and the saved keys torch's own would keep
-    (a scheduler's `initial_lr`)"""
+    (a scheduler's `initial_lr`). torch's hooks run"""
+    for hook in self._optimizer_load_state_dict_pre_hooks.values(): sd = hook(self, sd) or sd
     self.fx.load_state_dict(sd)
     saved = sd.get('param_groups', [{}] * len(self.param_groups))
     for g, s, h in zip(self.param_groups, saved, self.fx.hypers):
         g.update({k: v for k, v in s.items() if k != 'params' and k not in self._fixed and k not in TORCH_FLAGS})
         g.update(hypers_to_torch(self.decl, h))
+    for hook in self._optimizer_load_state_dict_post_hooks.values(): hook(self)
 
 TorchFace.state_dict, TorchFace.load_state_dict = _torch_state_dict, _torch_load_state_dict
 

@@ -156,14 +156,13 @@ def test_step_under_a_launcher_is_refused(monkeypatch, tmp_path):
 def test_every_registered_optimizer_has_bench_settings():
     "fxo-bench's list is the registry's: a registered optimizer without its digits lr and bytes would be left out"
     from fastxtend_optim.registry import REGISTRY
-    assert sorted(bench.BENCH_SETTINGS) == sorted(REGISTRY)
+    assert sorted(bench.BENCH_SETTINGS) == sorted(REGISTRY) == sorted(bench.STEP_HYPERS) == sorted(bench.PEERS)
     assert all(bench.OPTIMIZERS[n]['paths'] == e.paths for n, e in REGISTRY.items())
 
 
 def test_the_torch_face_rows_step_the_fastai_rows_hypers():
     "The torch face's defaults are torch's where torch has the optimizer: its rows take the fastai face's instead"
     for name in bench.OPTIMIZERS:
-        if name not in bench.STEP_HYPERS: continue
         impls = bench._ours(name, ['foreach'], **bench.STEP_HYPERS[name])
         ours = impls['fastxtend_optim foreach'](bench.synthetic_params([(8, 4), (4,)], 'cpu'))
         face = impls['torch face foreach'](bench.synthetic_params([(8, 4), (4,)], 'cpu'))

@@ -303,8 +303,6 @@ def test_step_hooks_run_as_torchs():
     assert hook_calls(fxt.AdamW(bigram().parameters()))[:2] == ref[:2] == ['step_pre', 'step_post']
 
 
-@pytest.mark.xfail(strict=True, reason="the face's state_dict/load_state_dict do not run torch.optim's state-dict hooks "
-                   "(reported; remove this mark with the fix)")
 def test_state_dict_hooks_run_as_torchs():
     "torch.optim.Optimizer's public `register_state_dict_pre_hook` and its three siblings (torch >= 2.1)"
     ref = hook_calls(torch.optim.AdamW(bigram().parameters()))

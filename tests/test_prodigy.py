@@ -6,7 +6,7 @@ from prodigyopt import Prodigy as RefProdigy
 from fastxtend_optim.prodigy import Prodigy, prodigy
 from conftest import (make_params, set_grads, run, assert_close_lists, fx_groups, torch_groups, roundtrip, NO_WD, LRS)
 
-PATHS = ('native', 'foreach')
+PATHS = ('native', 'foreach', 'fused')
 LR = 1.
 GROWS = dict(d0=1e-3, d_coef=2.)  # d doubles in 10 steps and grows 30 times in 30 on `make_params`
 
@@ -85,7 +85,7 @@ def test_lrs_scale_each_groups_step():
     assert_close_lists(moves[1][3:], moves[0][3:], atol=0.)
 
 
-@pytest.mark.parametrize('order', [('native', 'foreach', 'native'), ('foreach', 'native', 'foreach')])
+@pytest.mark.parametrize('order', [('native', 'foreach', 'native'), ('foreach', 'native', 'foreach'), ('fused', 'native', 'fused')])
 def test_checkpoint_moves_between_paths(order):
     "A run moved between paths through weights_only checkpoints ends where one path alone ends; d travels in the hypers"
     a = make_params()
@@ -175,7 +175,6 @@ def test_reference_keywords_and_missing_paths_are_refused():
     w = [torch.zeros(3, requires_grad=True)]
     with pytest.raises(TypeError, match='`beta1=`, `beta2=`'): Prodigy(w, betas=(0.9, 0.99))
     with pytest.raises(TypeError, match='`wd=`'): prodigy(weight_decay=0.1)
-    with pytest.raises(ValueError, match='no fused path'): Prodigy(w, fused=True)
     with pytest.raises(ValueError, match='Prodigy has no 8-bit path'): prodigy(eightbit=True)
     with pytest.raises(ValueError, match='`d` must be a finite number > 0'): Prodigy(w).set_hyper('d', -1.)
 
@@ -189,11 +188,12 @@ def test_bf16_steps(path):
     assert_bf16_tracks_fp32(lambda ps: fx_prodigy(ps, path, **GROWS, wd=0.05), steps=12)
 
 
-def test_a_group_set_to_lr_zero_leaves_the_estimate():
+@pytest.mark.parametrize('path', PATHS)
+def test_a_group_set_to_lr_zero_leaves_the_estimate(path):
     """A group whose lr drops to 0 mid-run stops feeding the estimate (its `s` leaves the denominator), as the
     reference: the other group steps as the reference's. It then holds still; the reference moves it on stale moments"""
     ours, ref = make_params(), make_params()
-    opt = fx_prodigy(ours, 'native', **GROWS)
+    opt = fx_prodigy(ours, path, **GROWS)
     groups = torch_groups(ref, 0.)
     for g in groups: g['lr'] = LR
     ref_opt = RefProdigy(groups, **GROWS)
