@@ -159,6 +159,25 @@ def test_page_renders_in_chromium(browser, page):
     assert not opened.failed, opened.failed
 
 
+SEARCH_HITS = '''new Promise(done => {  // the pages Sphinx's search lists once it reports that it has finished
+  const t0 = Date.now();
+  const poll = () => {
+    const status = (document.querySelector('.search-summary, #search-progress') || {}).textContent || '';
+    const hits = [...document.querySelectorAll('#search-results li a')].map(a => a.getAttribute('href'));
+    if (/finished|found/i.test(status) || Date.now() - t0 > 15000) done({status, hits}); else setTimeout(poll, 100);
+  };
+  poll();
+})'''
+
+
+def test_search_finds_the_page_about_a_word(browser):
+    "The search runs from file:// with no server: 'Kahan' finds the low-precision page, which explains it"
+    opened = browser.open((SITE / 'search.html').as_uri() + '?q=Kahan')
+    found = opened.evaluate(SEARCH_HITS)
+    opened.screenshot(SITE / '_screenshots' / 'search.png')
+    assert 'lowprec.html' in {hit.split('#')[0] for hit in found['hits']}, found
+
+
 def png(width: int, height: int) -> bytes:
     "A grey PNG, made by hand"
     chunk = lambda kind, data: struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))

@@ -22,5 +22,6 @@ html_css_files = ['site.css']
 html_copy_source = False
 html_show_sourcelink = False
 html_last_updated_fmt = None
+html_show_copyright = False
 # MathJax from the site's own files (copied from the django-static-mathjax package), never a CDN
 mathjax_path = 'mathjax/tex-chtml.js'
