@@ -120,11 +120,11 @@ def test_the_repository_links_nothing_broken_and_no_docs_site_but_ours():
 
 # --- a real browser, on the built site ---
 
-def need_browser():
-    from browser import chromium_path
-    if not chromium_path():
-        pytest.skip("Chromium is not installed: `bash tools/docs.sh --check` installs Debian's chromium and runs this")
+def need_site():
     if not (SITE / 'index.html').exists(): pytest.skip('the site is not built: run bash tools/docs.sh')
+    built = (SITE / 'index.html').stat().st_mtime
+    if any(p.stat().st_mtime > built for p in (ROOT / 'nbs').glob('*.ipynb')):
+        pytest.skip('the site is older than the notebooks: run bash tools/docs.sh')
 
 
 PAGE_FACTS = '''(() => {
@@ -139,14 +139,16 @@ PAGE_FACTS = '''(() => {
 
 @pytest.fixture(scope='module')
 def browser():
-    need_browser()
-    from browser import Chromium
+    from browser import Chromium, chromium_path
+    if not chromium_path():
+        pytest.skip("Chromium is not installed: `bash tools/docs.sh --check` installs Debian's chromium and runs this")
     with Chromium() as chromium: yield chromium
 
 
 @pytest.mark.parametrize('page', ['index', 'lion', 'bench'])
 def test_page_renders_in_chromium(browser, page):
     "Math typeset by MathJax from the site's own files, every notebook in the navigation, every image loaded"
+    need_site()
     opened = browser.open((SITE / f'{page}.html').as_uri())
     facts = opened.evaluate(PAGE_FACTS)
     assert opened.screenshot(SITE / '_screenshots' / f'{page}.png') > 10_000
@@ -172,6 +174,7 @@ SEARCH_HITS = '''new Promise(done => {  // the pages Sphinx's search lists once 
 
 def test_search_finds_the_page_about_a_word(browser):
     "The search runs from file:// with no server: 'Kahan' finds the low-precision page, which explains it"
+    need_site()
     opened = browser.open((SITE / 'search.html').as_uri() + '?q=Kahan')
     found = opened.evaluate(SEARCH_HITS)
     opened.screenshot(SITE / '_screenshots' / 'search.png')

@@ -250,6 +250,7 @@ def readable(e: Exception) -> str:
 
 
 def build() -> int:
+    if SITE.exists(): shutil.rmtree(SITE)  # a failed build leaves no site that looks current
     try: process_notebooks()
     except Exception as e:  # nbdev runs each notebook's export, import and show_doc cells: a failing one stops it
         print(f'{readable(e)}\n\nnbdev could not process that notebook, so it does not render. nbdev '
@@ -261,7 +262,6 @@ def build() -> int:
     done = subprocess.run([sys.executable, '-m', 'sphinx', '-b', 'html', '-q', '-W', '--keep-going', '-j', '2',
                            '-E', '-d', str(ROOT / 'build' / 'docs-doctrees'), str(SRC), str(html)])
     if done.returncode: print('sphinx failed: a notebook did not render (its warnings are above)'); return 1
-    if SITE.exists(): shutil.rmtree(SITE)
     shutil.move(html, SITE)
     shutil.copy(NBS / 'llms.txt', SITE / 'llms.txt')
     return check_site(SITE, notebooks())
