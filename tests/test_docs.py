@@ -161,6 +161,24 @@ def test_page_renders_in_chromium(browser, page):
     assert not opened.failed, opened.failed
 
 
+def test_every_page_typesets_all_its_math(browser):
+    "No page is left with a formula MathJax did not typeset, or a `$` outside code in its visible text"
+    need_site()
+    untypeset = {}
+    for nb in docs.notebooks():
+        facts = browser.open((SITE / f'{nb.page}.html').as_uri()).evaluate(VISIBLE_MATH)
+        if facts['typeset'] != facts['math'] or '$' in facts['prose']: untypeset[nb.page] = facts
+    assert not untypeset, untypeset
+
+
+VISIBLE_MATH = '''(() => {
+  const prose = document.querySelector('article').cloneNode(true);
+  prose.querySelectorAll('pre, code, mjx-container').forEach(e => e.remove());
+  return {math: document.querySelectorAll('.math').length,
+          typeset: document.querySelectorAll('.math mjx-container').length, prose: prose.innerText};
+})()'''
+
+
 SEARCH_HITS = '''new Promise(done => {  // the pages Sphinx's search lists once it reports that it has finished
   const t0 = Date.now();
   const poll = () => {
