@@ -139,6 +139,7 @@ class FXOptimizer(Optimizer):
     def update_hypers(self, changes:list[dict]):
         """Update each param group's hypers with its dict in `changes`, checked as the optimizer is built: every group
         changes, or (on a `ValueError`) none does. New storage hypers (`state_bits`...) rebuild the fused layouts"""
+        if len(changes) != len(self.hypers): raise ValueError(f"{len(changes)} changes for {len(self.hypers)} param groups")
         for new in changes: check_hypers(self.checks, **new)
         before = [dict(h) for h in self.hypers]
         for h, new in zip(self.hypers, changes): h.update(new)
@@ -270,8 +271,9 @@ class FXOptimizer(Optimizer):
         return [noise_key(s['step'], number[id(o)]) for s, o in zip(group.states, group.owners)]
 
     def __getstate__(self):
-        "Pickle without the noise keys' cache: it is keyed by object ids"
-        return {k: v for k, v in self.__dict__.items() if k != '_numbers'}
+        "Pickle without the noise keys' cache (keyed by object ids), nor a factory made inside a function (no name)"
+        local = '<locals>' in getattr(self.__dict__.get('factory'), '__qualname__', '')
+        return {k: v for k, v in self.__dict__.items() if k != '_numbers' and not (k == 'factory' and local)}
 
     def __setstate__(self, state:dict):
         "Unpickle, also an optimizer pickled when its path was a name (`path`) and the fused path's flags its own"
@@ -325,7 +327,7 @@ class FXOptimizer(Optimizer):
         if 'param_groups' not in sd: return sd
         if self.declaration is None: raise ValueError("a state dict in torch's layout loads only into an optimizer made by "
                                                       "a declared factory, which knows torch's names")
-        return self.declaration.from_torch(sd, self.param_lists, self.hypers, self.options)
+        return self.declaration.from_torch(sd, self.param_lists, self.hypers, self.options, self.state_keys)
 
     @staticmethod
     def _own_storage(saved:dict, mine:dict) -> dict:

@@ -15,9 +15,10 @@ from .core import FXOptimizer
 from .eightbit import EightBitSpec, eightbit_args, no_eightbit
 
 # %% auto #0
-__all__ = ['PATH_OPTIONS', 'PATH_SWITCHES', 'TORCH_FLAGS', 'TORCH_EXCLUDED', 'BNB_NESTED', 'path_options', 'declared_signature',
-           'stepper_defaults', 'Declaration', 'declare', 'hyper_names', 'torch_keywords', 'torch_passed',
-           'refuse_fastai_names', 'hypers_from_torch', 'hypers_to_torch', 'state_from_torch']
+__all__ = ['PATH_OPTIONS', 'PATH_SWITCHES', 'TORCH_FLAGS', 'TORCH_STATE_NAMES', 'TORCH_EXCLUDED', 'BNB_NESTED', 'path_options',
+           'declared_signature', 'stepper_defaults', 'Declaration', 'declare', 'hyper_names', 'torch_keywords',
+           'torch_passed', 'refuse_fastai_names', 'hypers_from_torch', 'hypers_to_torch', 'refuse_new_state',
+           'state_from_torch']
 
 # %% ../nbs/07_declare.ipynb #e4363b85
 def path_options(foreach:bool|None=None, # the ForEach path (`None`: ForEach); `False`: the native path
@@ -71,6 +72,7 @@ class Declaration:
     prepare:Callable|None=None # (params, hypers) -> (params, hypers)
     wrap:Callable|None=None # (optimizer, **options) -> the optimizer returned
     torch_state:dict=field(default_factory=dict) # state key -> torch's name, where torch has the optimizer
+    bnb_betas:tuple=() # the hypers in bitsandbytes' `betas` where torch's keywords name them otherwise (SGD8bit's)
     name:str='' # the factory's name, set by `declare`
     signature:inspect.Signature|None=field(default=None, repr=False) # the factory's, set by `declare`
     partial:Callable|None=field(default=None, repr=False) # the `Learner` partial, set by `opt_partial`
@@ -124,15 +126,28 @@ def declare(**fields) -> Callable:
     return make_factory
 
 # %% ../nbs/07_declare.ipynb #a7d1c2e1
-TORCH_FLAGS = dict(maximize=False, capturable=False, differentiable=False)  # torch's, taken only at these values
+TORCH_FLAGS = dict(maximize=False, capturable=False, differentiable=False, centered=False)  # taken only at these values
+TORCH_STATE_NAMES = {'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'momentum_buffer', 'sum', 'square_avg', 'grad_avg',
+                     'acc_delta', 'ax', 'eta', 'mu', 'mu_product', 'prev', 'step_size', 'exp_inf', 'row_var', 'col_var',
+                     'variance'}  # torch.optim's state keys: a saved one this optimizer does not take is refused
 TORCH_EXCLUDED = {'RMSProp': ('betas',)}  # torch's RMSprop names its hypers `momentum` and `alpha`
 BNB_NESTED = '__bnb_optimizer_quant_state__'  # bitsandbytes' state dicts nest the state tensors under this key
 
+def _cached(f:Callable) -> Callable:
+    "`f(decl)` computed once per declaration (the torch face asks at every step)"
+    def cached(decl):
+        memo = decl.__dict__.setdefault('_torch_names', {})
+        if f.__name__ not in memo: memo[f.__name__] = f(decl)
+        return memo[f.__name__]
+    return update_wrapper(cached, f)
+
+@_cached
 def hyper_names(decl:Declaration) -> list[str]:
     "The hypers `decl` declares, `lr` first: its signature without `params` and the options every optimizer takes"
     common = {p.name for p in PATH_OPTIONS}
     return [n for n in decl.signature.parameters if n != 'params' and n not in common]
 
+@_cached
 def torch_keywords(decl:Declaration) -> dict[str, tuple[str, ...]]:
     "torch's keyword -> the hypers of `decl` it sets (a tuple of several for `betas` and Adafactor's `eps`)"
     names, out, taken = hyper_names(decl), {}, set()
@@ -143,6 +158,7 @@ def torch_keywords(decl:Declaration) -> dict[str, tuple[str, ...]]:
         out[t], taken = tuple(ours), taken | set(ours)
     return out
 
+@_cached
 def torch_passed(decl:Declaration) -> set[str]:
     "The hypers torch's keywords leave as they are: neither renamed nor a path switch"
     covered = {o for os in torch_keywords(decl).values() for o in os}
@@ -167,6 +183,7 @@ def hypers_from_torch(decl:Declaration, g:dict) -> dict:
             if not isinstance(v, (tuple, list)) or len(v) != len(os):
                 raise ValueError(f"`{k}` must be a tuple of {len(os)} ({', '.join(os)}), got {v!r}")
             out.update(zip(os, v))
+        elif k == 'betas' and decl.bnb_betas and isinstance(v, (tuple, list)): out.update(zip(decl.bnb_betas, v))
         elif k in passed: out[k] = v
     return out
 
@@ -178,21 +195,35 @@ def hypers_to_torch(decl:Declaration, h:dict) -> dict:
     return out
 
 # %% ../nbs/07_declare.ipynb #a7d1c2e3
-def state_from_torch(decl:Declaration, s:dict, p:Tensor) -> dict:
+def refuse_new_state(decl:Declaration, hypers:dict, changed:dict, options:dict, state_keys:tuple):
+    """Raise if `hypers`, after the `changed` ones, would give an optimizer built with `state_keys` other state (SGD's
+    `mom` from 0): fastai's optimizers keep the state they were built with, so such a value must be given when building"""
+    if decl.shape is None or not changed: return
+    keys = tuple(decl.shape({**hypers, **changed, **options}).get('state_keys', decl.state_keys))
+    if keys != tuple(state_keys):
+        raise ValueError(f"{', '.join(f'`{k}={v!r}`' for k, v in changed.items())} would change the state {decl.name} "
+                         f"keeps ({list(state_keys)} -> {list(keys)}): build the optimizer with it")
+
+def state_from_torch(decl:Declaration, s:dict, p:Tensor, state_keys:tuple) -> dict:
     """Parameter `p`'s state saved in torch's layout as the fastai face keeps it: torch's names back to ours,
     bitsandbytes' nested tensors unnested, copies on `p`'s device, `step` an int (torch's SGD keeps none: a momentum
-    buffer has started)"""
+    buffer has started). A torch state key that is not one of `state_keys` under its torch name is refused"""
     s = {**{k: v for k, v in s.items() if k != BNB_NESTED}, **s.get(BNB_NESTED, {})}
     inverse = {v: k for k, v in decl.torch_state.items()}
+    foreign = sorted(k for k in s if k in TORCH_STATE_NAMES and inverse.get(k, k) not in state_keys)
+    if foreign: raise ValueError(f"the saved state holds torch's {foreign}, which {decl.name} with these options does not "
+                                 f"keep (its state: {list(state_keys)}): a checkpoint of another optimizer, or of another "
+                                 "momentum setting")
     out = {inverse.get(k, k): v.to(p.device, copy=True) if isinstance(v, Tensor) else v for k, v in s.items()}
     if 'step' in out: out['step'] = int(round(float(out['step'])))
     elif out: out['step'] = 1
     return out
 
 @patch
-def from_torch(self:Declaration, sd:dict, param_lists:list, hypers:list[dict], options:dict) -> dict:
+def from_torch(self:Declaration, sd:dict, param_lists:list, hypers:list[dict], options:dict, state_keys:tuple) -> dict:
     """`sd` in torch's layout (torch's optimizer's, bitsandbytes', the torch face's) as the fastai face's state dict,
-    for the loading optimizer's `param_lists`, `hypers` and `options` (Adam's `amsgrad`...); state tensors are copies"""
+    for the loading optimizer's `param_lists`, `hypers`, `options` (Adam's `amsgrad`...) and `state_keys`; state
+    tensors are copies"""
     saved, counts = sd['param_groups'], [len(ps) for ps in param_lists]
     if [len(s['params']) for s in saved] != counts:
         raise ValueError(f"the saved state has param groups of {[len(s['params']) for s in saved]} parameters; "
@@ -200,11 +231,17 @@ def from_torch(self:Declaration, sd:dict, param_lists:list, hypers:list[dict], o
     for s in saved:
         bad = [k for k, v in s.items() if k in TORCH_FLAGS and v != TORCH_FLAGS[k]]
         if bad: raise ValueError(f"the saved param groups have `{bad[0]}=True`, which fastxtend_optim does not support")
+        refuse_fastai_names(self, s, self.name)
+    if self.eightbit is None and any(BNB_NESTED in s for s in sd['state'].values()):
+        raise ValueError(f"the saved state is bitsandbytes' 8-bit state, and {self.name} has no 8-bit path to take it")
+    for s in saved:  # options that shape the optimizer (bitsandbytes' `alpha` is not Ranger's: refused above)
         other = [k for k, v in options.items() if k in s and s[k] != v]
         if other: raise ValueError(f"the saved state was made with `{other[0]}={s[other[0]]!r}`; this optimizer has "
                                    f"`{other[0]}={options[other[0]]!r}`: build it with the saved value")
-        refuse_fastai_names(self, s, self.name)
     ids, params = [i for s in saved for i in s['params']], [p for ps in param_lists for p in ps]
-    states = [state_from_torch(self, sd['state'].get(i, sd['state'].get(str(i), {})), p) for i, p in zip(ids, params)]
+    states = [state_from_torch(self, sd['state'].get(i, sd['state'].get(str(i), {})), p, state_keys)
+              for i, p in zip(ids, params)]
+    new = [hypers_from_torch(self, s) for s in saved]
+    for h, n in zip(hypers, new): refuse_new_state(self, h, {k: v for k, v in n.items() if h.get(k) != v}, options, state_keys)
     rest = {k: v for k, v in sd.items() if k not in ('state', 'param_groups')}
-    return {**rest, 'state': states, 'hypers': [{**h, **hypers_from_torch(self, s)} for h, s in zip(hypers, saved)]}
+    return {**rest, 'state': states, 'hypers': [{**h, **n} for h, n in zip(hypers, new)]}

@@ -158,7 +158,8 @@ class LarsOptimizer(FXOptimizer):
         return {**lists, 'states': group.states}, shared
 
 @declare(steppers=[lars_step], foreach=lars_foreach_step, state_keys=('grad_avg',), checks=LARS_CHECKS,
-         group_check=check_nesterov, fused=LARS_FUSED, eightbit=LARS_8BIT, optimizer=LarsOptimizer)
+         group_check=check_nesterov, fused=LARS_FUSED, eightbit=LARS_8BIT, optimizer=LarsOptimizer,
+         bnb_betas=('mom', 'dampening'))
 def Lars(params, lr:float, mom:float=0.9, dampening:float=0., nesterov:bool=False, trust_coeff:float|None=0.02,
          clip:bool=False, eps:float=1e-8, wd:float=0., decouple_wd:bool=True, max_unorm:float=0.) -> FXOptimizer:
     "A fastai `Optimizer` for LARS (LARC with `clip=True`) on the native, ForEach, fused or bitsandbytes path"

@@ -29,11 +29,11 @@ def lookahead_(fast:list[Tensor], slow:list[Tensor], alpha:float):
 
 # %% ../nbs/20_lookahead.ipynb #525b0e84
 def check_lookahead(k, alpha):
-    "Raise unless `k` is an int >= 1 and `alpha` a number in [0, 1]"
+    "Raise unless `k` is an int >= 1 and `alpha` a number in (0, 1] (at 0 the weights return to the start every `k` steps)"
     if not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1):
         raise ValueError(f"`k` must be an int >= 1, got {k!r}")
-    if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and 0 <= alpha <= 1):
-        raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
+    if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and 0 < alpha <= 1):
+        raise ValueError(f"`alpha` must be in (0, 1], got {alpha!r}")
 
 # %% ../nbs/20_lookahead.ipynb #460c7cc1
 LOOKAHEAD_STREAM = 1 << 20  # the slow weights' rounding noise: a stream no state key reaches

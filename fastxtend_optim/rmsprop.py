@@ -75,6 +75,7 @@ def refuse_eightbit_momentum(args:dict, eightbit:bool):
 @declare(steppers=[rmsprop_step], foreach=rmsprop_foreach_step, checks=RMSPROP_CHECKS, fused=RMSPROP_FUSED,
          eightbit=RMSPROP_8BIT, refuse=refuse_eightbit_momentum,
          torch_state=dict(sqr_avg='square_avg'),  # not `grad_avg`: torch's momentum averages updates, fastai's gradients
+         bnb_betas=('sqr_mom', 'mom'),
          shape=lambda args: dict(state_keys=('grad_avg', 'sqr_avg') if args['mom'] != 0 else ('sqr_avg',)))
 def RMSProp(params, lr:float, mom:float=0., sqr_mom:float=0.99, eps:float=1e-8, wd:float=0.,
             decouple_wd:bool=True) -> FXOptimizer:

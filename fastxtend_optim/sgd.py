@@ -78,6 +78,7 @@ def refuse_eightbit_plain_sgd(args:dict, eightbit:bool):
 
 @declare(steppers=[sgd_step], foreach=sgd_foreach_step, checks=SGD_CHECKS, group_check=check_nesterov, fused=SGD_FUSED,
          eightbit=SGD_8BIT, refuse=refuse_eightbit_plain_sgd, torch_state=dict(grad_avg='momentum_buffer'),
+         bnb_betas=('mom', 'dampening'),
          shape=lambda args: dict(state_keys=('grad_avg',) if args['mom'] != 0 else ()))
 def SGD(params, lr:float, mom:float=0., wd:float=0., decouple_wd:bool=True, dampening:float=0.,
         nesterov:bool=False) -> FXOptimizer:

@@ -10,7 +10,7 @@ import torch
 from fastcore.foundation import L
 from .base import check_params
 from .declare import (PATH_SWITCHES, TORCH_FLAGS, torch_keywords, refuse_fastai_names, hypers_from_torch,
-                                     hypers_to_torch)
+                                     hypers_to_torch, refuse_new_state)
 from .registry import REGISTRY, Entry
 
 # %% auto #0
@@ -27,7 +27,7 @@ class TorchFace(torch.optim.Optimizer):
 
     def __init__(self, params, **kwargs):
         if self.entry is None: raise TypeError("`TorchFace` is generic: use one of its subclasses, such as `AdamW`")
-        self.decl = decl = self.entry.declaration
+        decl = self.decl
         self._refuse_keywords(kwargs)
         defaults = self.face_defaults()
         flags = {k: kwargs.pop(k) for k in list(kwargs) if k in TORCH_FLAGS}
@@ -46,6 +46,9 @@ class TorchFace(torch.optim.Optimizer):
         self.fx = self.entry.factory([g['params'] for g in self.param_groups], **hypers_from_torch(decl, g0),
                                      **{k: g0[k] for k in self._fixed}, **self._eightbitargs)
         self._sync()
+
+    @property
+    def decl(self): return self.entry.declaration  # not pickled: the class knows it
 
     @classmethod
     def face_defaults(cls) -> dict:
@@ -104,7 +107,10 @@ class TorchFace(torch.optim.Optimizer):
                 if g[k] != self.defaults[k]: raise ValueError(f"`{k}` cannot change after the optimizer is built")
             self._refuse_keywords(g)  # `group['wd'] = ...` after building
             changes.append({k: v for k, v in hypers_from_torch(self.decl, g).items() if not (k in h and _same(h[k], v))})
-        if any(changes): self.fx.update_hypers(changes)
+        if not any(changes): return
+        for h, new in zip(self.fx.hypers, changes):  # torch's SGD would start momentum; the fastai face keeps its state
+            refuse_new_state(self.decl, h, new, self.fx.options, self.fx.state_keys)
+        self.fx.update_hypers(changes)
 
     def step(self, closure:Callable|None=None):
         "torch's `step`: `closure` (evaluated with gradients on) gives the loss returned; the fastai face steps"

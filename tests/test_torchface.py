@@ -399,3 +399,66 @@ def test_a_bitsandbytes_checkpoint_loads_into_fp32_with_one_warning():
     code_gap = 2 / 255 * q['absmax1'].max()  # the signed map's widest gap, times the largest scale
     assert (s['grad_avg'] - bnb_functional.dequantize_blockwise(A=q['state1'], absmax=q['absmax1'], code=q['qmap1'],
                                                                  blocksize=256)).abs().max() < 1e-6 * code_gap
+
+
+def test_every_torch_face_pickles():
+    import pickle
+    for name, face in fxt.TORCH_FACES.items():
+        ps = make_params(shapes=SMALL)
+        opt = face(ps, **MOMENTUM.get(name, ({}, {}))[0])
+        run(opt, ps, 1)
+        twin = pickle.loads(pickle.dumps(opt))
+        assert twin.decl is opt.decl and twin.fx.state_dict()['hypers'] == opt.fx.state_dict()['hypers'], name
+
+
+def test_what_would_change_the_state_is_refused():
+    "torch's SGD starts momentum when a scheduler or a load sets it; the face refuses instead of ignoring it"
+    ps = make_params(shapes=SMALL)
+    opt = fxt.SGD(ps, lr=1e-2)
+    set_grads(ps, 0)
+    opt.param_groups[0]['momentum'] = 0.9
+    with pytest.raises(ValueError, match=r"`mom=0.9` would change the state SGD keeps \(\[\] -> \['grad_avg'\]\)"): opt.step()
+    assert opt.fx.hypers[0]['mom'] == 0.
+    theirs = torch.optim.SGD(make_params(shapes=SMALL), lr=1e-2, momentum=0.9)
+    with pytest.raises(ValueError, match='would change the state'):  # no state yet: the hypers alone say it
+        REGISTRY['sgd'].factory(ps, lr=1e-2).load_state_dict(theirs.state_dict())
+    run(theirs, theirs.param_groups[0]['params'], 1)
+    with pytest.raises(ValueError, match=r"torch's \['momentum_buffer'\]"):
+        REGISTRY['sgd'].factory(ps, lr=1e-2).load_state_dict(theirs.state_dict())
+
+
+@pytest.mark.parametrize('theirs,ours', [
+    (lambda g: torch.optim.RAdam(g), lambda g: fxt.RAdam(g)),  # torch's names, but no torch counterpart declared
+    (lambda g: torch.optim.Adam(g), lambda g: fxt.Lion(g)),
+    (lambda g: torch.optim.RMSprop(g, momentum=0.9), lambda g: fxt.RMSprop(g, momentum=0.9)),  # momentums differ
+    (lambda g: torch.optim.RMSprop(g, centered=True), lambda g: fxt.RMSprop(g)),
+    (lambda g: bnb_optim.Adam8bit(g), lambda g: fxt.Ranger(g))], ids=['radam', 'adam-lion', 'rmsprop-momentum',
+                                                                    'rmsprop-centered', 'bnb-ranger'])
+def test_another_optimizers_checkpoint_is_refused_and_nothing_changes(theirs, ours):
+    a, b = make_params(), make_params()
+    ref = theirs(a)
+    run(ref, a, 2)
+    opt = ours(b)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="torch's|centered|no 8-bit path"): opt.load_state_dict(ref.state_dict())
+    assert opt.state_dict() == before
+
+
+def test_bitsandbytes_one_state_betas_map_to_the_hypers():
+    "SGD8bit keeps (momentum, dampening) and RMSprop8bit (alpha, momentum) in `betas`"
+    ps = make_params()
+    sgd = bnb_optim.SGD8bit(make_params(), lr=1e-2, momentum=0.5, dampening=0.1)
+    face = fxt.SGD(ps, lr=1e-2, momentum=0.9, eightbit=True)
+    face.load_state_dict(sgd.state_dict())
+    assert (face.fx.hypers[0]['mom'], face.fx.hypers[0]['dampening'], face.param_groups[0]['momentum']) == (0.5, 0.1, 0.5)
+    rms = bnb_optim.RMSprop8bit(make_params(), lr=1e-2, alpha=0.5)
+    fx = REGISTRY['rmsprop'].factory(ps, lr=1e-2, eightbit=True)
+    fx.load_state_dict(rms.state_dict())
+    assert (fx.hypers[0]['sqr_mom'], fx.hypers[0]['mom']) == (0.5, 0.)
+
+
+def test_update_hypers_takes_one_change_per_group():
+    opt = REGISTRY['adam'].factory([make_params()[:2], make_params()[2:]], lr=1e-3)
+    with pytest.raises(ValueError, match='1 changes for 2 param groups'): opt.update_hypers([{'lr': 1.}])
+    opt.update_hypers([{'lr': 1.}, {}])
+    assert [h['lr'] for h in opt.hypers] == [1., 1e-3]
