@@ -157,6 +157,7 @@ def test_page_renders_in_chromium(browser, page):
     nav = {href.split('#')[0] or f'{page}.html' for href in facts['nav']}
     assert {f'{nb.page}.html' for nb in docs.notebooks()} <= nav
     assert all(img['width'] > 0 for img in facts['images']), facts['images']
+    if page == 'bench': assert any('bench-train' in img['src'] for img in facts['images'])  # the benchmark plot
     assert all(url.startswith(('file:', 'data:')) for url in opened.requests), 'a request left the site'
     assert not opened.failed, opened.failed
 

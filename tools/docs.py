@@ -227,6 +227,7 @@ def stage(src: Path = SRC):
     for name in ('conf.py', 'pandoc_ids.py'): shutil.copy(CONF / name, src)
     shutil.copy(CONF / 'site.css', src / '_static')
     copy_mathjax(src / '_static')
+    if (NBS / 'images').exists(): shutil.copytree(NBS / 'images', src / 'images')  # figures the notebooks' Markdown shows
     pages = {nb.page: staged_cells(nb, PROC / nb.path.name) for nb in notebooks()}
     index = read_notebook(NBS / 'index.ipynb')
     pages['index'] = staged_cells(index, PROC / 'index.ipynb') + [markdown_cell(toctree(), 'fxo-nav')]
