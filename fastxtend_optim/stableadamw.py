@@ -95,15 +95,18 @@ def stableadamw_foreach_step(params:list[Tensor], grads:list[Tensor], grad_avg:l
 def _new_sqr_avg(g:Tensor, sqr_avg:Tensor, sqr_hat:Tensor, sqr_w:Tensor) -> Tensor:
     return sqr_avg * sqr_hat + g * g * sqr_w
 
-def stableadamw_sums(p:Tensor, g:Tensor, sqr_avg:Tensor, sqr_hat:Tensor, sqr_w:Tensor, eps2:Tensor, **kwargs) -> dict:
+def stableadamw_sums(p:Tensor, g:Tensor, sqr_avg:Tensor, sqr_hat:Tensor, sqr_w:Tensor, eps2:Tensor,
+                     new_sqr_avg:Callable=_new_sqr_avg, **kwargs) -> dict:
     "The per-tensor sum the update needs: g²/max(v_new, eps²), element-wise"
-    return dict(ratio_sum=g * g / _new_sqr_avg(g, sqr_avg, sqr_hat, sqr_w).clamp_min(eps2))
+    return dict(ratio_sum=g * g / new_sqr_avg(g, sqr_avg, sqr_hat, sqr_w).clamp_min(eps2))
 
 def stableadamw_update(p:Tensor, g:Tensor, grad_avg:Tensor, sqr_avg:Tensor, mom_w:Tensor, sqr_hat:Tensor,
                        sqr_w:Tensor, eps:Tensor, lr:Tensor, wd:Tensor, ratio_sum:Tensor|None=None,
-                       numel:Tensor|None=None, caution:Callable=uncautious, **kwargs) -> dict:
-    "StableAdamW's update as element-wise math, for the fused kernel"
-    m, v = torch.lerp(grad_avg, g, mom_w), _new_sqr_avg(g, sqr_avg, sqr_hat, sqr_w)
+                       numel:Tensor|None=None, caution:Callable=uncautious, new_sqr_avg:Callable=_new_sqr_avg,
+                       **kwargs) -> dict:
+    """StableAdamW's update as element-wise math, for the fused kernel; helpers are defaults, not globals, so that a
+    notebook's definitions compile too (dynamo looks a global of an inlined function up in `sys.modules['__main__']`)"""
+    m, v = torch.lerp(grad_avg, g, mom_w), new_sqr_avg(g, sqr_avg, sqr_hat, sqr_w)
     u = caution(m / (v.sqrt() + eps), g)
     if ratio_sum is not None: lr = lr / (ratio_sum / numel).sqrt().clamp_min(1.)
     return dict(grad_avg=m, sqr_avg=v, p=p * (1 - lr * wd) - lr * u)
