@@ -29,15 +29,20 @@ def _dynamic_sizes(decades:int, signed:bool) -> tuple[float, float]:
     n0 = 1. if signed else 2.
     return n0, n0 * (2 ** decades - 1)
 
+def _encode_line(d:int, decades:int, n0:float) -> tuple[float, float, float]:
+    "Decade `d`'s position as a line in the value `a` (`a * slope - offset`), and its number of codes"
+    n = n0 * 2 ** d
+    return 10. ** (decades - 1 - d) * n / 0.9, 0.1 * n / 0.9, n
+
 def dynamic_encode(y:Tensor, decades:int, signed:bool) -> Tensor:
     "Index (as floats) of the dynamic-map code nearest to each `y` in [-1, 1] ([0, 1] unsigned); element-wise"
     n0, top = _dynamic_sizes(decades, signed)
     a = y.abs()
-    n, scale = torch.full_like(a, n0), torch.full_like(a, 10. ** (decades - 1))
-    for k in range(1, decades):
-        up = a >= 10. ** (k - decades)
-        n, scale = torch.where(up, n * 2, n), torch.where(up, scale * 0.1, scale)
-    t = (a * scale - 0.1) * (n / 0.9)  # position in the decade: code j covers [j, j+1)
+    slope, offset, n = (torch.full_like(a, c) for c in _encode_line(0, decades, n0))
+    for d in range(1, decades):  # constants chosen per element, no division
+        up = a >= 10. ** (d - decades)
+        slope, offset, n = (torch.where(up, c, x) for c, x in zip(_encode_line(d, decades, n0), (slope, offset, n)))
+    t = a * slope - offset  # position in the decade: code j covers [j, j+1)
     j = torch.minimum(torch.floor(t).clamp(min=0), n - 1)
     below = t < torch.where(n == n0, (4.5 - n0) / 18, 0.2)  # nearer the code below the decade's first (or zero)
     r = n - n0 + j - below.float()  # rank among the positive codes; -1 is zero
@@ -46,18 +51,23 @@ def dynamic_encode(y:Tensor, decades:int, signed:bool) -> Tensor:
     zero = n0 * 2 ** decades - 1
     return torch.where(y < 0, zero - 1 - r.clamp(max=top - 1), zero + 1 + r)  # the signed map has no -1
 
+def _decode_line(d:int, decades:int, n0:float) -> tuple[float, float]:
+    "Decade `d`'s values as a line in the rank `r`: `offset + slope * r`"
+    n, scale = n0 * 2 ** d, 10. ** (d + 1 - decades)
+    return scale * (0.1 + 0.9 * (0.5 - n + n0) / n), scale * 0.9 / n
+
 def dynamic_decode(idx:Tensor, decades:int, signed:bool) -> Tensor:
     "The dynamic-map value of each code index `idx` (any dtype); element-wise"
     n0, top = _dynamic_sizes(decades, signed)
     i = idx.float()
     zero = n0 * 2 ** decades - 1
     r = torch.where(i > zero, i - zero - 1, zero - 1 - i) if signed else i - 1
-    m = r / n0 + 1  # in [2^d, 2^(d+1)) for a code of decade d
-    n, scale = torch.full_like(m, n0), torch.full_like(m, 10. ** (1 - decades))
-    for k in range(1, decades):
-        up = m >= 2 ** k
-        n, scale = torch.where(up, n * 2, n), torch.where(up, scale * 10, scale)
-    v = scale * (0.1 + 0.9 * (r - n + n0 + 0.5) / n)
+    m = r * (1 / n0) + 1  # in [2^d, 2^(d+1)) for a code of decade d
+    offset, slope = (torch.full_like(m, c) for c in _decode_line(0, decades, n0))
+    for d in range(1, decades):  # constants chosen per element, no division: twice as fast on the CPU
+        up = m >= 2 ** d
+        offset, slope = (torch.where(up, c, x) for c, x in zip(_decode_line(d, decades, n0), (offset, slope)))
+    v = offset + slope * r
     v = torch.where(r < 0, 0., torch.where(r >= top, 1., v))
     return torch.where(i < zero, -v, v) if signed else v
 
