@@ -17,8 +17,8 @@ from .eightbit import EightBitSpec, eightbit_args, no_eightbit
 # %% auto #0
 __all__ = ['PATH_OPTIONS', 'PATH_SWITCHES', 'TORCH_FLAGS', 'TORCH_STATE_NAMES', 'TORCH_EXCLUDED', 'BNB_NESTED', 'path_options',
            'declared_signature', 'stepper_defaults', 'Declaration', 'declare', 'hyper_names', 'torch_keywords',
-           'torch_passed', 'refuse_fastai_names', 'hypers_from_torch', 'hypers_to_torch', 'refuse_new_state',
-           'state_from_torch']
+           'torch_renamed', 'torch_passed', 'refuse_fastai_names', 'hypers_from_torch', 'hypers_to_torch',
+           'refuse_new_state', 'state_from_torch']
 
 # %% ../nbs/07_declare.ipynb #e4363b85
 def path_options(foreach:bool|None=None, # the ForEach path (`None`: ForEach); `False`: the native path
@@ -159,11 +159,15 @@ def torch_keywords(decl:Declaration) -> dict[str, tuple[str, ...]]:
     return out
 
 @_cached
+def torch_renamed(decl:Declaration) -> set[str]:
+    "The hypers of `decl` that torch's keywords rename"
+    return {o for os in torch_keywords(decl).values() for o in os}
+
+@_cached
 def torch_passed(decl:Declaration) -> set[str]:
     "The hypers torch's keywords leave as they are: neither renamed nor a path switch"
-    covered = {o for os in torch_keywords(decl).values() for o in os}
     common = {p.name for p in PATH_OPTIONS} - set(PATH_SWITCHES) - {'eightbitargs'}
-    return (set(hyper_names(decl)) | common) - covered - set(decl.options)
+    return (set(hyper_names(decl)) | common) - torch_renamed(decl) - set(decl.options)
 
 def refuse_fastai_names(decl:Declaration, keys, who:str):
     "A TypeError naming torch's keyword for each fastai hyper in `keys` that torch names otherwise"
@@ -187,11 +191,15 @@ def hypers_from_torch(decl:Declaration, g:dict) -> dict:
         elif k in passed: out[k] = v
     return out
 
-def hypers_to_torch(decl:Declaration, h:dict) -> dict:
-    "The fastai hypers `h` under torch's names (the inverse of `hypers_from_torch`)"
-    out = {k: v for k, v in h.items() if k in torch_passed(decl)}
-    for t, os in torch_keywords(decl).items():
-        if all(o in h for o in os): out[t] = h[os[0]] if len(os) == 1 else tuple(h[o] for o in os)
+def hypers_to_torch(decl:Declaration, h:dict, keep:set|None=None) -> dict:
+    """The fastai hypers `h` under torch's names, in `h`'s order, a torch keyword where its first hyper was (the inverse
+    of `hypers_from_torch`); of the names torch does not rename, those in `keep` (default: `torch_passed`)"""
+    kw, keep = torch_keywords(decl), torch_passed(decl) if keep is None else keep
+    first, out = {os[0]: t for t, os in kw.items()}, {}
+    for k, v in h.items():
+        t = first.get(k)
+        if t is None and k in keep: out[k] = v
+        elif t is not None and all(o in h for o in kw[t]): out[t] = v if len(kw[t]) == 1 else tuple(h[o] for o in kw[t])
     return out
 
 # %% ../nbs/07_declare.ipynb #a7d1c2e3

@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 from fastcore.foundation import L
 from .base import check_params
-from .declare import (PATH_SWITCHES, TORCH_FLAGS, torch_keywords, refuse_fastai_names, hypers_from_torch,
-                                     hypers_to_torch, refuse_new_state)
+from .declare import (PATH_SWITCHES, TORCH_FLAGS, torch_keywords, torch_renamed, refuse_fastai_names,
+                                     hypers_from_torch, hypers_to_torch, refuse_new_state)
 from .registry import REGISTRY, Entry
 
 # %% auto #0
@@ -54,12 +54,9 @@ class TorchFace(torch.optim.Optimizer):
     def face_defaults(cls) -> dict:
         "Every keyword's default under torch's names: the declared ones, torch's where torch has the optimizer, `lr=1e-3`"
         decl = cls.entry.declaration
-        sig, kw = decl.signature.parameters, torch_keywords(decl)
-        first = {os[0]: t for t, os in kw.items()}  # a torch keyword takes the place of its first hyper
-        covered, out = {o for os in kw.values() for o in os}, {}
-        for n, p in sig.items():
-            if n in first: out[first[n]] = p.default if len(kw[first[n]]) == 1 else tuple(sig[o].default for o in kw[first[n]])
-            elif n not in covered and n not in ('params', 'eightbitargs'): out[n] = p.default
+        sig = decl.signature.parameters
+        keep = set(sig) - torch_renamed(decl) - {'params', 'eightbitargs'}
+        out = hypers_to_torch(decl, {n: p.default for n, p in sig.items()}, keep)
         if out.get('lr', inspect.Parameter.empty) is inspect.Parameter.empty: out['lr'] = 1e-3
         return {**out, **cls.torch_defaults}
 
