@@ -12,14 +12,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 from .base import whole_norms, whole_sums_of, local_tensor, shard_group, tensor_bits
-from .lowbit import StateFormat, absmax_key, as_format, saved_format, encode_rows, decode_rows, key_formats
+from .lowbit import (StateFormat, absmax_key, as_format, saved_format, encode_rows, decode_rows, key_formats,
+                                    encode_rows_into)
 from .lowprec import (KAHAN_KEY, LOW_PRECISION, weight_rounding, rounded_weights, rounding_bits, noise_key,
                                      stochastic_round, fold_compensation)
 
 # %% auto #0
 __all__ = ['BLOCK', 'LOWBIT_ROWS', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'Placement', 'FusedLayout', 'encode_scratch',
-           'uncautious', 'fused_kernel', 'fused_unavailable', 'tensor_key', 'group_layout', 'fused_step',
-           'padded_grads', 'fused_chunks', 'compiled_or_eager']
+           'encode_chunk', 'uncautious', 'fused_kernel', 'fused_unavailable', 'tensor_key', 'group_layout',
+           'fused_step', 'padded_grads', 'fused_chunks', 'compiled_or_eager']
 
 # %% ../nbs/02_fused.ipynb #2f9b8bc9
 BLOCK = 256
@@ -297,6 +298,11 @@ def encode_scratch(bufs:dict, scratch:dict, codecs:tuple):
         codes, scales = encode_rows(scratch[k], bits, signed)
         bufs[k].copy_(codes); bufs[absmax_key(k)].copy_(scales)
 
+def encode_chunk(bufs:dict, scratch:dict, codecs:tuple, device:torch.device, rows:int):
+    "`encode_scratch` for a chunk of `rows` rows: by the C++ encoder on the CPU where it builds, else compiled (or eager)"
+    if all(encode_rows_into(scratch[k], bufs[k], bufs[absmax_key(k)], bits, signed) for k, bits, signed in codecs): return
+    compiled_or_eager(fused_kernel(encode_scratch, encode_scratch, codecs), encode_scratch, rows, device, bufs, scratch, codecs)
+
 def uncautious(u:Tensor, g:Tensor) -> Tensor:
     "The `caution` an update gets when `cautious` is off: `u` as it is"
     return u
@@ -431,8 +437,7 @@ def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *e
             call = (update, bufs, *args, layout.block_member[rows], consts, layout.codecs, *extra)
             tail = (scratch,) if body is _fused_apply else ()
             out.append(compiled_or_eager(kernel, body, rows.stop - rows.start, device, *call, *tail))
-            if lowbit: compiled_or_eager(fused_kernel(encode_scratch, encode_scratch, layout.codecs), encode_scratch,
-                                         rows.stop - rows.start, device, bufs, scratch, layout.codecs)
+            if lowbit: encode_chunk(bufs, scratch, layout.codecs, device, rows.stop - rows.start)
     return out
 
 def padded_grads(layout:FusedLayout, place:Placement, grads:list[Tensor], rows:slice) -> Tensor:

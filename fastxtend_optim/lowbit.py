@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['STATE_BITS', 'MIN_LOWBIT_NUMEL', 'state_bits_value', 'dynamic_encode', 'dynamic_decode', 'map_values', 'encode_rows',
-           'decode_rows', 'StateFormat', 'tensor_state_bits', 'key_formats', 'absmax_key', 'saved_format',
-           'decode_saved', 'encode_values', 'as_format', 'decode_state']
+__all__ = ['STATE_BITS', 'MIN_LOWBIT_NUMEL', 'CPU_ENCODER_SOURCE', 'CPU_ENCODER_FLAGS', 'state_bits_value', 'dynamic_encode',
+           'dynamic_decode', 'map_values', 'encode_rows', 'decode_rows', 'StateFormat', 'cpu_encoder',
+           'encode_rows_into', 'tensor_state_bits', 'key_formats', 'absmax_key', 'saved_format', 'decode_saved',
+           'encode_values', 'as_format', 'decode_state']
 
 # %% ../nbs/04_lowbit.ipynb #55104c9f
 STATE_BITS = (32, 16, 8, 4)
@@ -144,6 +145,128 @@ class StateFormat:
     def decode(self, codes:Tensor, absmax:Tensor, exact:bool=True) -> Tensor:
         "fp32 rows `(rows, 256)` from `encode`'s codes and scales, with the map's own values unless not `exact`"
         return decode_rows(codes, absmax, self.bits, self.signed, exact)
+
+# %% ../nbs/04_lowbit.ipynb #6affcc22
+CPU_ENCODER_SOURCE = r'''
+// encode_rows on the CPU: the same fp32 operations as `dynamic_encode`, in GCC vector registers, one row per task
+#include <cstdint>
+#include <cmath>
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int W = 16;
+static inline vf splat(float x) { return vf{} + x; }
+static inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
+static inline vf vfloor(vf t) { vf f = __builtin_convertvector(__builtin_convertvector(t, vi), vf); return f > t ? f - 1.f : f; }
+
+template <int D, bool S> struct Dynamic {  // the dynamic map with D decades, signed or not
+  static constexpr double n0 = S ? 1. : 2.;
+  static inline vf code(vf y) {
+    vf a = vabs(y), slope = splat(float(pow(10., D - 1) * n0 / 0.9)), offset = splat(float(0.1 * n0 / 0.9)), n = splat(n0);
+    #pragma GCC unroll 8
+    for (int d = 1; d < D; d++) {  // unrolled: every constant folds
+      double nd = n0 * (1 << d);
+      vi up = a >= splat(float(pow(10., d - D)));
+      slope = up ? splat(float(pow(10., D - 1 - d) * nd / 0.9)) : slope;
+      offset = up ? splat(float(0.1 * nd / 0.9)) : offset;
+      n = up ? splat(float(nd)) : n;
+    }
+    const float top = n0 * ((1 << D) - 1), zero = n0 * (1 << D) - 1;
+    vf t = a * slope - offset;
+    vf r = (n - float(n0)) + vmin(vmax(vfloor(t), splat(0.f)), n - 1.f);
+    r = t < (n == float(n0) ? splat(float((4.5 - n0) / 18)) : splat(0.2f)) ? r - 1.f : r;
+    r = a >= splat(float(1 - 0.225 / (n0 * (1 << (D - 1))))) ? splat(top) : r;
+    if (!S) return r + 1.f;
+    return y < 0.f ? (zero - 1.f) - vmin(r, splat(top - 1.f)) : (zero + 1.f) + r;
+  }
+};
+struct Linear4 { static inline vf code(vf y) { return vmin(vmax(vfloor(y * 16.f + 0.5f), splat(1.f)), splat(16.f)) - 1.f; } };
+
+static inline vf load(const float* p) { vf x; __builtin_memcpy(&x, p, sizeof x); return x; }
+static inline float absmax(const float* v, int n) {  // NaN propagates, as torch's amax
+  vf m = splat(0.f);
+  for (int i = 0; i < n; i += W) { vf a = vabs(load(v + i)); m = (a > m) | (a != a) ? a : m; }
+  float out = 0.f;
+  for (int l = 0; l < W; l++) out = (m[l] > out || m[l] != m[l]) ? m[l] : out;
+  return out;
+}
+static inline vf inverse(float m) { return splat(1.f / (m > 0.f ? m : 1.f)); }
+static inline vi codes_of(vf code) { return __builtin_convertvector(code, vi); }
+
+template <class Map> void encode8(const float* x, uint8_t* codes, float* scales, int64_t rows) {
+  #pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; r++) {
+    const float* v = x + r * 256;
+    float m = absmax(v, 256); scales[r] = m;
+    vf inv = inverse(m);
+    for (int i = 0; i < 256; i += W) {
+      vi c = codes_of(Map::code(load(v + i) * inv));
+      for (int l = 0; l < W; l++) codes[r * 256 + i + l] = uint8_t(c[l]);
+    }
+  }
+}
+template <class Map> void encode4(const float* x, uint8_t* codes, float* scales, int64_t rows) {
+  #pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; r++) {  // byte j: element j (low nibble) and element 128 + j of the row
+    const float* v = x + r * 256;
+    float m0 = absmax(v, 128), m1 = absmax(v + 128, 128); scales[2 * r] = m0; scales[2 * r + 1] = m1;
+    vf i0 = inverse(m0), i1 = inverse(m1);
+    for (int i = 0; i < 128; i += W) {
+      vi c = codes_of(Map::code(load(v + i) * i0)) | (codes_of(Map::code(load(v + 128 + i) * i1)) << 4);
+      for (int l = 0; l < W; l++) codes[r * 128 + i + l] = uint8_t(c[l]);
+    }
+  }
+}
+extern "C" {
+void encode8_signed(const float* x, uint8_t* c, float* s, int64_t rows) { encode8<Dynamic<7, true>>(x, c, s, rows); }
+void encode8_unsigned(const float* x, uint8_t* c, float* s, int64_t rows) { encode8<Dynamic<7, false>>(x, c, s, rows); }
+void encode4_signed(const float* x, uint8_t* c, float* s, int64_t rows) { encode4<Dynamic<3, true>>(x, c, s, rows); }
+void encode4_unsigned(const float* x, uint8_t* c, float* s, int64_t rows) { encode4<Linear4>(x, c, s, rows); }
+}
+'''
+CPU_ENCODER_FLAGS = ['-O3', '-march=native', '-ffp-contract=off', '-fopenmp', '-shared', '-fPIC', '-std=c++17']
+
+_CPU_ENCODER = {}
+def cpu_encoder():
+    "The C++ encoder (a `ctypes.CDLL`), built once per machine with the compiler `torch.compile` uses; `None` where it can't be"
+    if 'lib' not in _CPU_ENCODER: _CPU_ENCODER['lib'] = _build_cpu_encoder()
+    return _CPU_ENCODER['lib']
+
+def _build_cpu_encoder():
+    import ctypes, hashlib, os, platform, subprocess, tempfile
+    from pathlib import Path
+    if os.environ.get('FXO_CPU_ENCODER', '1') == '0': return None
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        cxx = get_cpp_compiler()
+        cpu = Path('/proc/cpuinfo').read_text().split('flags')[1].split('\n')[0] if Path('/proc/cpuinfo').exists() else ''
+        key = hashlib.sha256('\0'.join([CPU_ENCODER_SOURCE, *CPU_ENCODER_FLAGS, cxx, platform.machine(), cpu]).encode()).hexdigest()[:20]
+        folder = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'fastxtend_optim'
+        folder.mkdir(parents=True, exist_ok=True)
+        lib = folder / f'cpu_encoder_{key}.so'
+        if not lib.exists():
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                src, out = Path(tmp) / 'encoder.cpp', Path(tmp) / lib.name
+                src.write_text(CPU_ENCODER_SOURCE)
+                subprocess.run([cxx, *CPU_ENCODER_FLAGS, str(src), '-o', str(out)], check=True, capture_output=True)
+                os.replace(out, lib)
+        dll = ctypes.CDLL(str(lib))
+        for f in ('encode8_signed', 'encode8_unsigned', 'encode4_signed', 'encode4_unsigned'):
+            getattr(dll, f).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        return dll
+    except Exception: return None  # no compiler, no OpenMP, a read-only home: the compiled torch encoder serves
+
+def encode_rows_into(x:Tensor, codes:Tensor, absmax:Tensor, bits:int, signed:bool) -> bool:
+    """`encode_rows(x, bits, signed)` written into `codes` and `absmax` by the C++ encoder, on the CPU; `False` (nothing
+    written) where it cannot run: another device, a tensor not contiguous or of another dtype, no encoder built"""
+    fits = x.device.type == 'cpu' and x.dtype == torch.float32 and absmax.dtype == torch.float32 and \
+           codes.dtype == torch.uint8 and all(t.is_contiguous() for t in (x, codes, absmax)) and \
+           x.shape == (codes.shape[0], 256) and codes.shape[1] == bits * 32 and absmax.numel() == x.shape[0] * (256 // (256 if bits == 8 else 128))
+    lib = cpu_encoder() if fits else None
+    if lib is None: return False
+    getattr(lib, f"encode{bits}_{'signed' if signed else 'unsigned'}")(x.data_ptr(), codes.data_ptr(), absmax.data_ptr(), x.shape[0])
+    return True
 
 # %% ../nbs/04_lowbit.ipynb #4cadc885
 def tensor_state_bits(state:dict, hyper:dict, numel:int) -> int:

@@ -301,3 +301,18 @@ def test_layout_padding_stays_zero_at_4_bits():
     layout = next(iter(opt.runner.layouts.values()))
     flat = layout.bufs['p'].view(-1)
     assert flat[4100:4352].abs().max() == 0 and flat[4352 + 5000:].abs().max() == 0
+
+
+@pytest.mark.parametrize('bits', (8, 4))
+def test_cpu_encoder_steps_bitwise_as_the_compiled_encoder(bits, monkeypatch):
+    "The C++ encoder (the CPU's default) and the compiled `encode_rows` give the same weights and codes over 5 steps"
+    import fastxtend_optim.lowbit as L
+    if L.cpu_encoder() is None: pytest.skip('no C++ encoder on this machine')
+    w, v = _weights(), _weights()
+    opt_c = Adam(w, lr=1e-2, fused=True, state_bits=bits)
+    with_cpp = _steps(opt_c, w, 5)
+    monkeypatch.setitem(L._CPU_ENCODER, 'lib', None)
+    opt_t = Adam(v, lr=1e-2, fused=True, state_bits=bits)
+    assert_close_lists(_steps(opt_t, v, 5), with_cpp, atol=0.)
+    for k in ('grad_avg', 'sqr_avg', absmax_key('grad_avg'), absmax_key('sqr_avg')):
+        assert torch.equal(opt_t.state[v[0]][k], opt_c.state[w[0]][k]), k
