@@ -621,6 +621,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'fastxtend_optim.lowbit.absmax_key': ('lowbit.html#absmax_key', 'fastxtend_optim/lowbit.py'),
                                         'fastxtend_optim.lowbit.as_format': ('lowbit.html#as_format', 'fastxtend_optim/lowbit.py'),
                                         'fastxtend_optim.lowbit.cpu_encoder': ('lowbit.html#cpu_encoder', 'fastxtend_optim/lowbit.py'),
+                                        'fastxtend_optim.lowbit.cpu_encoder_unavailable': ( 'lowbit.html#cpu_encoder_unavailable',
+                                                                                            'fastxtend_optim/lowbit.py'),
                                         'fastxtend_optim.lowbit.decode_rows': ('lowbit.html#decode_rows', 'fastxtend_optim/lowbit.py'),
                                         'fastxtend_optim.lowbit.decode_saved': ('lowbit.html#decode_saved', 'fastxtend_optim/lowbit.py'),
                                         'fastxtend_optim.lowbit.decode_state': ('lowbit.html#decode_state', 'fastxtend_optim/lowbit.py'),

@@ -12,8 +12,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['STATE_BITS', 'MIN_LOWBIT_NUMEL', 'CPU_ENCODER_SOURCE', 'CPU_ENCODER_FLAGS', 'state_bits_value', 'dynamic_encode',
            'dynamic_decode', 'map_values', 'encode_rows', 'decode_rows', 'StateFormat', 'cpu_encoder',
-           'encode_rows_into', 'tensor_state_bits', 'key_formats', 'absmax_key', 'saved_format', 'decode_saved',
-           'encode_values', 'as_format', 'decode_state']
+           'cpu_encoder_unavailable', 'encode_rows_into', 'tensor_state_bits', 'key_formats', 'absmax_key',
+           'saved_format', 'decode_saved', 'encode_values', 'as_format', 'decode_state']
 
 # %% ../nbs/04_lowbit.ipynb #55104c9f
 STATE_BITS = (32, 16, 8, 4)
@@ -230,13 +230,18 @@ CPU_ENCODER_FLAGS = ['-O3', '-march=native', '-ffp-contract=off', '-fopenmp', '-
 _CPU_ENCODER = {}
 def cpu_encoder():
     "The C++ encoder (a `ctypes.CDLL`), built once per machine with the compiler `torch.compile` uses; `None` where it can't be"
-    if 'lib' not in _CPU_ENCODER: _CPU_ENCODER['lib'] = _build_cpu_encoder()
+    if 'lib' not in _CPU_ENCODER: _CPU_ENCODER['lib'], _CPU_ENCODER['why'] = _build_cpu_encoder()
     return _CPU_ENCODER['lib']
 
-def _build_cpu_encoder():
+def cpu_encoder_unavailable() -> str|None:
+    "Why the C++ encoder did not build (the compiled `encode_rows` serves instead), or `None` when it did"
+    cpu_encoder()
+    return _CPU_ENCODER.get('why')
+
+def _build_cpu_encoder() -> tuple:
     import ctypes, hashlib, os, platform, subprocess, tempfile
     from pathlib import Path
-    if os.environ.get('FXO_CPU_ENCODER', '1') == '0': return None
+    if os.environ.get('FXO_CPU_ENCODER', '1') == '0': return None, 'FXO_CPU_ENCODER=0'
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
         cxx = get_cpp_compiler()
@@ -254,8 +259,9 @@ def _build_cpu_encoder():
         dll = ctypes.CDLL(str(lib))
         for f in ('encode8_signed', 'encode8_unsigned', 'encode4_signed', 'encode4_unsigned'):
             getattr(dll, f).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-        return dll
-    except Exception: return None  # no compiler, no OpenMP, a read-only home: the compiled torch encoder serves
+        return dll, None
+    except subprocess.CalledProcessError as e: return None, f'the C++ compiler failed: {e.stderr.decode()[-500:]}'
+    except Exception as e: return None, f'{type(e).__name__}: {e}'  # no compiler, a read-only home...
 
 def encode_rows_into(x:Tensor, codes:Tensor, absmax:Tensor, bits:int, signed:bool) -> bool:
     """`encode_rows(x, bits, signed)` written into `codes` and `absmax` by the C++ encoder, on the CPU; `False` (nothing

@@ -316,3 +316,16 @@ def test_cpu_encoder_steps_bitwise_as_the_compiled_encoder(bits, monkeypatch):
     assert_close_lists(_steps(opt_t, v, 5), with_cpp, atol=0.)
     for k in ('grad_avg', 'sqr_avg', absmax_key('grad_avg'), absmax_key('sqr_avg')):
         assert torch.equal(opt_t.state[v[0]][k], opt_c.state[w[0]][k]), k
+
+
+def test_cpu_encoder_that_fails_to_build_says_why_and_the_compiled_encoder_serves(monkeypatch):
+    "A C++ build that fails leaves the encoder unbuilt, with the compiler's message, and the step as before"
+    import fastxtend_optim.lowbit as L
+    monkeypatch.setattr(L, '_CPU_ENCODER', {})
+    monkeypatch.setattr(L, 'CPU_ENCODER_FLAGS', [*L.CPU_ENCODER_FLAGS, '-fno-such-flag-fxo'])
+    assert L.cpu_encoder() is None and 'compiler failed' in L.cpu_encoder_unavailable()
+    w, v = _weights(), _weights()
+    fallback = _steps(Adam(w, lr=1e-2, fused=True, state_bits=8), w, 3)
+    monkeypatch.setattr(L, '_CPU_ENCODER', {})
+    monkeypatch.setattr(L, 'CPU_ENCODER_FLAGS', [f for f in L.CPU_ENCODER_FLAGS if f != '-fno-such-flag-fxo'])
+    assert_close_lists(_steps(Adam(v, lr=1e-2, fused=True, state_bits=8), v, 3), fallback, atol=0.)
