@@ -610,6 +610,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                           'fastxtend_optim/lowbit.py'),
                                         'fastxtend_optim.lowbit._build_cpu_encoder': ( 'lowbit.html#_build_cpu_encoder',
                                                                                        'fastxtend_optim/lowbit.py'),
+                                        'fastxtend_optim.lowbit._cache_folder': ('lowbit.html#_cache_folder', 'fastxtend_optim/lowbit.py'),
+                                        'fastxtend_optim.lowbit._cpu_features': ('lowbit.html#_cpu_features', 'fastxtend_optim/lowbit.py'),
                                         'fastxtend_optim.lowbit._decode_line': ('lowbit.html#_decode_line', 'fastxtend_optim/lowbit.py'),
                                         'fastxtend_optim.lowbit._dynamic_sizes': ( 'lowbit.html#_dynamic_sizes',
                                                                                    'fastxtend_optim/lowbit.py'),

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['STATE_BITS', 'MIN_LOWBIT_NUMEL', 'CPU_ENCODER_SOURCE', 'CPU_ENCODER_FLAGS', 'state_bits_value', 'dynamic_encode',
-           'dynamic_decode', 'map_values', 'encode_rows', 'decode_rows', 'StateFormat', 'cpu_encoder',
+__all__ = ['STATE_BITS', 'MIN_LOWBIT_NUMEL', 'SMALLEST_SCALE', 'CPU_ENCODER_SOURCE', 'CPU_ENCODER_FLAGS', 'state_bits_value',
+           'dynamic_encode', 'dynamic_decode', 'map_values', 'encode_rows', 'decode_rows', 'StateFormat', 'cpu_encoder',
            'cpu_encoder_unavailable', 'encode_rows_into', 'tensor_state_bits', 'key_formats', 'absmax_key',
            'saved_format', 'decode_saved', 'encode_values', 'as_format', 'decode_state']
 
@@ -88,12 +88,14 @@ def map_values(bits:int, signed:bool) -> Tensor:
     return _MAPS[bits, signed]
 
 # %% ../nbs/04_lowbit.ipynb #16c07881
+SMALLEST_SCALE = torch.finfo(torch.float32).tiny  # a block whose absmax is smaller is encoded unscaled: it decodes to 0
+
 def encode_rows(x:Tensor, bits:int, signed:bool, absmax:Tensor|None=None) -> tuple[Tensor, Tensor]:
     "Rows `x` (`(rows, 256)`, fp32) as 8- or 4-bit uint8 codes, and fp32 scales `(rows, blocks per row)`: each block's absmax unless given"
     block = 256 if bits == 8 else 128
     blocks = x.reshape(x.shape[0], 256 // block, block)
     absmax = blocks.abs().amax(-1) if absmax is None else absmax.reshape(blocks.shape[:2])
-    y = blocks * torch.where(absmax > 0, absmax, 1.).reciprocal()[..., None]
+    y = blocks * torch.where(absmax >= SMALLEST_SCALE, absmax, 1.).reciprocal()[..., None]  # 1/subnormal overflows
     if bits == 8: return dynamic_encode(y, 7, signed).to(torch.uint8).reshape(x.shape), absmax
     idx = (dynamic_encode(y, 3, True) if signed else (y * 16 + 0.5).floor().clamp(1, 16) - 1).to(torch.uint8)
     return idx[:, 0] | (idx[:, 1] << 4), absmax  # byte j: element j (low nibble) and element 128 + j of the row
@@ -151,6 +153,7 @@ CPU_ENCODER_SOURCE = r'''
 // encode_rows on the CPU: the same fp32 operations as `dynamic_encode`, in GCC vector registers, one row per task
 #include <cstdint>
 #include <cmath>
+#include <cfloat>
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 constexpr int W = 16;
@@ -191,7 +194,7 @@ static inline float absmax(const float* v, int n) {  // NaN propagates, as torch
   for (int l = 0; l < W; l++) out = (m[l] > out || m[l] != m[l]) ? m[l] : out;
   return out;
 }
-static inline vf inverse(float m) { return splat(1.f / (m > 0.f ? m : 1.f)); }
+static inline vf inverse(float m) { return splat(1.f / (m >= FLT_MIN ? m : 1.f)); }  // as SMALLEST_SCALE
 static inline vi codes_of(vf code) { return __builtin_convertvector(code, vi); }
 
 template <class Map> void encode8(const float* x, uint8_t* codes, float* scales, int64_t rows) {
@@ -245,10 +248,9 @@ def _build_cpu_encoder() -> tuple:
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
         cxx = get_cpp_compiler()
-        cpu = Path('/proc/cpuinfo').read_text().split('flags')[1].split('\n')[0] if Path('/proc/cpuinfo').exists() else ''
-        key = hashlib.sha256('\0'.join([CPU_ENCODER_SOURCE, *CPU_ENCODER_FLAGS, cxx, platform.machine(), cpu]).encode()).hexdigest()[:20]
-        folder = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'fastxtend_optim'
-        folder.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256('\0'.join([CPU_ENCODER_SOURCE, *CPU_ENCODER_FLAGS, cxx, platform.machine(), _cpu_features()])
+                             .encode()).hexdigest()[:20]
+        folder = _cache_folder()
         lib = folder / f'cpu_encoder_{key}.so'
         if not lib.exists():
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
@@ -263,12 +265,33 @@ def _build_cpu_encoder() -> tuple:
     except subprocess.CalledProcessError as e: return None, f'the C++ compiler failed: {e.stderr.decode()[-500:]}'
     except Exception as e: return None, f'{type(e).__name__}: {e}'  # no compiler, a read-only home...
 
+def _cpu_features() -> str:
+    "What `-march=native` depends on: the processor's model and feature lines (x86's `flags`, Arm's `Features`...)"
+    import platform
+    from pathlib import Path
+    info = Path('/proc/cpuinfo')
+    if not info.exists(): return platform.processor()
+    keep = ('flags', 'features', 'model name', 'cpu part', 'cpu implementer', 'isa')
+    return '\n'.join(sorted({l for l in info.read_text().splitlines() if l.lower().startswith(keep)}))
+
+def _cache_folder():
+    "A writable folder for the built encoder: `$XDG_CACHE_HOME` or `~/.cache`, else the temporary folder"
+    import os, tempfile
+    from pathlib import Path
+    for base in (os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache', tempfile.gettempdir()):
+        folder = Path(base) / 'fastxtend_optim'
+        try: folder.mkdir(parents=True, exist_ok=True)
+        except OSError: continue
+        if os.access(folder, os.W_OK): return folder
+    raise OSError('no writable folder for the C++ encoder')
+
 def encode_rows_into(x:Tensor, codes:Tensor, absmax:Tensor, bits:int, signed:bool) -> bool:
     """`encode_rows(x, bits, signed)` written into `codes` and `absmax` by the C++ encoder, on the CPU; `False` (nothing
     written) where it cannot run: another device, a tensor not contiguous or of another dtype, no encoder built"""
-    fits = x.device.type == 'cpu' and x.dtype == torch.float32 and absmax.dtype == torch.float32 and \
-           codes.dtype == torch.uint8 and all(t.is_contiguous() for t in (x, codes, absmax)) and \
-           x.shape == (codes.shape[0], 256) and codes.shape[1] == bits * 32 and absmax.numel() == x.shape[0] * (256 // (256 if bits == 8 else 128))
+    rows = x.shape[0] if x.dim() == 2 else -1
+    fits = all(t.device.type == 'cpu' and t.is_contiguous() for t in (x, codes, absmax)) and \
+           (x.dtype, codes.dtype, absmax.dtype) == (torch.float32, torch.uint8, torch.float32) and \
+           x.shape == (rows, 256) and codes.shape == (rows, bits * 32) and absmax.numel() == rows * 256 // StateFormat(bits).block
     lib = cpu_encoder() if fits else None
     if lib is None: return False
     getattr(lib, f"encode{bits}_{'signed' if signed else 'unsigned'}")(x.data_ptr(), codes.data_ptr(), absmax.data_ptr(), x.shape[0])

@@ -308,9 +308,14 @@ def test_cpu_encoder_steps_bitwise_as_the_compiled_encoder(bits, monkeypatch):
     "The C++ encoder (the CPU's default) and the compiled `encode_rows` give the same weights and codes over 5 steps"
     import fastxtend_optim.lowbit as L
     if L.cpu_encoder() is None: pytest.skip('no C++ encoder on this machine')
+    import fastxtend_optim.fused as F
+    calls = []
+    def counted(*args): calls.append(L.encode_rows_into(*args)); return calls[-1]
+    monkeypatch.setattr(F, 'encode_rows_into', counted)
     w, v = _weights(), _weights()
     opt_c = Adam(w, lr=1e-2, fused=True, state_bits=bits)
     with_cpp = _steps(opt_c, w, 5)
+    assert calls and all(calls)  # every chunk's state went through the C++ encoder
     monkeypatch.setitem(L._CPU_ENCODER, 'lib', None)
     opt_t = Adam(v, lr=1e-2, fused=True, state_bits=bits)
     assert_close_lists(_steps(opt_t, v, 5), with_cpp, atol=0.)
@@ -329,3 +334,38 @@ def test_cpu_encoder_that_fails_to_build_says_why_and_the_compiled_encoder_serve
     monkeypatch.setattr(L, '_CPU_ENCODER', {})
     monkeypatch.setattr(L, 'CPU_ENCODER_FLAGS', [f for f in L.CPU_ENCODER_FLAGS if f != '-fno-such-flag-fxo'])
     assert_close_lists(_steps(Adam(v, lr=1e-2, fused=True, state_bits=8), v, 3), fallback, atol=0.)
+
+
+def _boundary_rows(bits:int, signed:bool) -> torch.Tensor:
+    """Rows whose values sit within 3 ulps of every place a code changes (the midpoints of the map, each decade's
+    start, the threshold of the top code), with a 1 in each block so that the scale is exactly 1"""
+    values = map_values(bits, signed)
+    edges = torch.cat([(values[1:] + values[:-1]) / 2, torch.tensor([10. ** -k for k in range(1, 8)]),
+                       torch.tensor([1 - 0.225 / 64, 1 - 0.225 / 128, 1 - 0.225 / 4, 1 - 0.225 / 8])])
+    edges = torch.cat([edges, -edges]) if signed else edges.abs()
+    x, up, down = [edges, torch.tensor([0., -0.])], edges, edges
+    for _ in range(3):
+        up, down = torch.nextafter(up, torch.tensor(2.)), torch.nextafter(down, torch.tensor(-2.))
+        x += [up, down]
+    x = torch.cat(x)
+    x = x[x.abs() <= 1]
+    block = 256 if bits == 8 else 128
+    per_row = block - 1
+    x = torch.cat([x, x.new_zeros(-len(x) % per_row)]).view(-1, per_row)
+    blocks = torch.cat([torch.ones(len(x), 1), x], 1)  # the 1 fixes each block's scale
+    return torch.cat([blocks, blocks.new_zeros(len(blocks) % (256 // block), block)]).reshape(-1, 256)
+
+@pytest.mark.parametrize('bits,signed', [(8, True), (8, False), (4, True), (4, False)])
+def test_cpu_encoder_gives_encode_rows_codes_at_every_code_boundary(bits, signed):
+    "Values within a few ulps of every code boundary: the C++ encoder's codes are `encode_rows`' own, one by one"
+    import fastxtend_optim.lowbit as L
+    import platform, sys
+    if sys.platform == 'linux' and platform.machine() == 'x86_64':  # CI's machines: it must build there
+        assert L.cpu_encoder() is not None, L.cpu_encoder_unavailable()
+    if L.cpu_encoder() is None: pytest.skip(L.cpu_encoder_unavailable())
+    x = _boundary_rows(bits, signed)
+    codes, scales = torch.empty(len(x), bits * 32, dtype=torch.uint8), torch.empty(len(x), 256 // StateFormat(bits).block)
+    assert L.encode_rows_into(x, codes, scales, bits, signed)
+    theirs = L.encode_rows(x, bits, signed)
+    assert torch.equal(scales, theirs[1]) and (scales == 1).all()
+    assert (codes != theirs[0]).sum() == 0
