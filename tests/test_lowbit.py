@@ -367,5 +367,5 @@ def test_cpu_encoder_gives_encode_rows_codes_at_every_code_boundary(bits, signed
     codes, scales = torch.empty(len(x), bits * 32, dtype=torch.uint8), torch.empty(len(x), 256 // StateFormat(bits).block)
     assert L.encode_rows_into(x, codes, scales, bits, signed)
     theirs = L.encode_rows(x, bits, signed)
-    assert torch.equal(scales, theirs[1]) and (scales == 1).all()
+    assert torch.equal(scales, theirs[1]) and ((scales == 1) | (scales == 0)).all()  # 0: a zero padding block
     assert (codes != theirs[0]).sum() == 0
