@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 from .base import whole_norms, whole_sums_of, local_tensor, shard_group, tensor_bits
 from .lowbit import (StateFormat, absmax_key, as_format, saved_format, encode_rows, decode_rows, key_formats,
-                                    encode_rows_into)
+                                    encode_rows_into, decode_rows_into)
 from .lowprec import (KAHAN_KEY, LOW_PRECISION, weight_rounding, rounded_weights, rounding_bits, noise_key,
                                      stochastic_round, fold_compensation)
 
 # %% auto #0
 __all__ = ['BLOCK', 'LOWBIT_ROWS', 'FusedSpec', 'FusedGroup', 'own_storage_view', 'Placement', 'FusedLayout', 'encode_scratch',
-           'encode_chunk', 'uncautious', 'fused_kernel', 'fused_unavailable', 'tensor_key', 'group_layout',
-           'fused_step', 'padded_grads', 'fused_chunks', 'compiled_or_eager']
+           'decode_chunk', 'encode_chunk', 'uncautious', 'fused_kernel', 'fused_unavailable', 'tensor_key',
+           'group_layout', 'fused_step', 'padded_grads', 'fused_chunks', 'compiled_or_eager']
 
 # %% ../nbs/02_fused.ipynb #2f9b8bc9
 BLOCK = 256
@@ -176,8 +176,9 @@ class FusedLayout:
         else: state[absmax_key(key)] = scales
 
     def scratch(self, rows:int) -> dict[str, Tensor]:
-        "fp32 rows for the new values of each low-bit state key, made once"
+        "fp32 scratch rows for each low-bit state key (`rows`, or the layout's rows if fewer), made once"
         if getattr(self, '_scratch', None) is None:
+            rows = min(rows, self.starts[-1])
             self._scratch = {k: self.bufs['p'].new_empty(rows, BLOCK, dtype=torch.float32) for k, *_ in self.codecs}
         return self._scratch
 
@@ -187,12 +188,14 @@ class FusedLayout:
         return self._row_ids
 
     def decoded(self, key:str, rows:slice) -> Tensor:
-        "Rows of state `key` as the kernel sees them: decoded from codes (compiled where it can be), or as stored"
+        "Rows of state `key` as the kernel sees them: decoded from codes (by the C++ codec, or compiled), or as stored"
         fmt = self.formats.get(key)
         if fmt is None or not fmt.quantized: return self.rows(key, rows)
-        codes, device = self.bufs[key][rows], self.bufs['p'].device
+        codes, scales, device = self.bufs[key][rows], self.bufs[absmax_key(key)][rows], self.bufs['p'].device
+        out = codes.new_empty(codes.shape[0], BLOCK, dtype=torch.float32)
+        if decode_rows_into(codes, scales, out, fmt.bits, fmt.signed): return out
         return compiled_or_eager(fused_kernel(decode_rows, decode_rows, ((key, fmt.bits, fmt.signed),)), decode_rows,
-                                 codes.shape[0], device, codes, self.bufs[absmax_key(key)][rows], fmt.bits, fmt.signed,
+                                 codes.shape[0], device, codes, scales, fmt.bits, fmt.signed,
                                  False)  # the compiled copy has no defaults
 
     def holds(self, params:list[Tensor]) -> bool:
@@ -298,8 +301,16 @@ def encode_scratch(bufs:dict, scratch:dict, codecs:tuple):
         codes, scales = encode_rows(scratch[k], bits, signed)
         bufs[k].copy_(codes); bufs[absmax_key(k)].copy_(scales)
 
+def decode_chunk(bufs:dict, scratch:dict, codecs:tuple) -> dict|None:
+    """A chunk's low-bit state decoded into `scratch` by the C++ codec, and the buffers the kernel then reads (the
+    scratch in place of codes and scales); `None` where the codec cannot run (the kernel decodes)"""
+    if not all(decode_rows_into(bufs[k], bufs[absmax_key(k)], scratch[k], bits, signed) for k, bits, signed in codecs):
+        return None
+    scales = {absmax_key(k) for k in scratch}
+    return {**{k: b for k, b in bufs.items() if k not in scales}, **scratch}
+
 def encode_chunk(bufs:dict, scratch:dict, codecs:tuple, device:torch.device, rows:int):
-    "`encode_scratch` for a chunk of `rows` rows: by the C++ encoder on the CPU where it builds, else compiled (or eager)"
+    "`encode_scratch` for a chunk of `rows` rows: by the C++ codec on the CPU where it builds, else compiled (or eager)"
     if all(encode_rows_into(scratch[k], bufs[k], bufs[absmax_key(k)], bits, signed) for k, bits, signed in codecs): return
     compiled_or_eager(fused_kernel(encode_scratch, encode_scratch, codecs), encode_scratch, rows, device, bufs, scratch, codecs)
 
@@ -319,16 +330,18 @@ def _fused_sums(update:Callable, bufs:dict, scalars:Tensor, scalar_names:tuple, 
     return {k: x.sum(dim=1, dtype=torch.float32) for k, x in out.items()}
 
 _KERNELS = {}
-def fused_kernel(update:Callable, body:Callable=_fused_apply, codecs:tuple=()) -> Callable:
+def fused_kernel(update:Callable, body:Callable=_fused_apply, codecs:tuple=(), decoded:bool=False) -> Callable:
     """`body` (`_fused_apply`) compiled for `update` and the low-bit `codecs`, once per process, as its own code object
-    with its own cache (so that each state format's variants, per dtype, stay under dynamo's recompile limit)"""
-    if (update, body, codecs) not in _KERNELS:
+    with its own cache (so that each state format's variants, per dtype, stay under dynamo's recompile limit);
+    `decoded`: the variant whose low-bit state arrives decoded, in fp32 scratch rows"""
+    if (update, body, codecs, decoded) not in _KERNELS:
         bits = sorted({b for _, b, _ in codecs})
         name = f"{body.__name__.strip('_')}_{getattr(update, '__name__', 'update')}" + ''.join(f'_{b}bit' for b in bits)
+        name += '_decoded' if decoded else ''
         fn = types.FunctionType(body.__code__.replace(co_name=name), body.__globals__, name)
         # emulated casts: a value rounded to bf16/fp16 in the kernel is rounded (a Kahan pair's residual needs it)
-        _KERNELS[update, body, codecs] = torch.compile(fn, dynamic=True, options={'emulate_precision_casts': True})
-    return _KERNELS[update, body, codecs]
+        _KERNELS[update, body, codecs, decoded] = torch.compile(fn, dynamic=True, options={'emulate_precision_casts': True})
+    return _KERNELS[update, body, codecs, decoded]
 
 # %% ../nbs/02_fused.ipynb #002b069d
 _UNAVAILABLE = {}
@@ -434,9 +447,12 @@ def _run(opt, layout:FusedLayout, place:Placement, named:dict, body:Callable, *e
             bufs = {k: layout.rows(k, rows) for k in layout.keys}
             if 'noise_step' in named: bufs['row'] = layout.row_ids()[rows]
             scratch = {k: s[:rows.stop - rows.start] for k, s in layout.scratch(LOWBIT_ROWS).items()} if lowbit else None
-            call = (update, bufs, *args, layout.block_member[rows], consts, layout.codecs, *extra)
+            decoded = decode_chunk(bufs, scratch, layout.codecs) if lowbit else None  # C++ on the CPU, else in the kernel
+            call = (update, bufs if decoded is None else decoded, *args, layout.block_member[rows], consts,
+                    layout.codecs if decoded is None else (), *extra)
             tail = (scratch,) if body is _fused_apply else ()
-            out.append(compiled_or_eager(kernel, body, rows.stop - rows.start, device, *call, *tail))
+            run = kernel if decoded is None else fused_kernel(update, body, layout.codecs, decoded=True)
+            out.append(compiled_or_eager(run, body, rows.stop - rows.start, device, *call, *tail))
             if lowbit: encode_chunk(bufs, scratch, layout.codecs, device, rows.stop - rows.start)
     return out
 
@@ -450,7 +466,7 @@ def padded_grads(layout:FusedLayout, place:Placement, grads:list[Tensor], rows:s
         if s < e: flat[s - lo:e - lo].copy_(g.reshape(-1)[s - a:e - a])
     return out
 
-LOWBIT_ROWS = 2048  # rows a low-bit step updates into fp32 scratch, then encodes: 2 MiB per state key, in cache
+LOWBIT_ROWS = 8192  # rows a low-bit step updates into fp32 scratch, then encodes: at most 8 MiB per state key
 
 def fused_chunks(start:int, stop:int, size:int|None) -> list[slice]:
     "`[start, stop)` in slices of at most `size` (one slice when `None`)"

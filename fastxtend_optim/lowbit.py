@@ -4,16 +4,17 @@
 
 # %% ../nbs/04_lowbit.ipynb #1fa1d4ec
 from __future__ import annotations
-import math
+import ctypes, hashlib, math, os, platform, subprocess, tempfile
 from dataclasses import dataclass
+from pathlib import Path
 import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['STATE_BITS', 'MIN_LOWBIT_NUMEL', 'SMALLEST_SCALE', 'CPU_ENCODER_SOURCE', 'CPU_ENCODER_FLAGS', 'state_bits_value',
-           'dynamic_encode', 'dynamic_decode', 'map_values', 'encode_rows', 'decode_rows', 'StateFormat', 'cpu_encoder',
-           'cpu_encoder_unavailable', 'encode_rows_into', 'tensor_state_bits', 'key_formats', 'absmax_key',
-           'saved_format', 'decode_saved', 'encode_values', 'as_format', 'decode_state']
+__all__ = ['STATE_BITS', 'MIN_LOWBIT_NUMEL', 'SMALLEST_SCALE', 'CPU_CODEC_SOURCE', 'CPU_CODEC_FLAGS', 'state_bits_value',
+           'dynamic_encode', 'dynamic_decode', 'map_values', 'encode_rows', 'decode_rows', 'StateFormat', 'cpu_codec',
+           'cpu_codec_unavailable', 'encode_rows_into', 'decode_rows_into', 'tensor_state_bits', 'key_formats',
+           'absmax_key', 'saved_format', 'decode_saved', 'encode_values', 'as_format', 'decode_state']
 
 # %% ../nbs/04_lowbit.ipynb #55104c9f
 STATE_BITS = (32, 16, 8, 4)
@@ -149,35 +150,50 @@ class StateFormat:
         return decode_rows(codes, absmax, self.bits, self.signed, exact)
 
 # %% ../nbs/04_lowbit.ipynb #6affcc22
-CPU_ENCODER_SOURCE = r'''
-// encode_rows on the CPU: the same fp32 operations as `dynamic_encode`, in GCC vector registers, one row per task
+CPU_CODEC_SOURCE = r'''
+// encode_rows and decode_rows on the CPU: the same fp32 operations as `dynamic_encode` and the map's decoded values,
+// in GCC vector registers, one row per task
 #include <cstdint>
 #include <cmath>
 #include <cfloat>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint8_t vb __attribute__((vector_size(16)));
 constexpr int W = 16;
 static inline vf splat(float x) { return vf{} + x; }
 static inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
-static inline vf vfloor(vf t) { vf f = __builtin_convertvector(__builtin_convertvector(t, vi), vf); return f > t ? f - 1.f : f; }
+static inline vf vtrunc(vf t) { return __builtin_convertvector(__builtin_convertvector(t, vi), vf); }
+static inline vf vfloor(vf t) { vf f = vtrunc(t); return f > t ? f - 1.f : f; }
+static inline vf pick(vf table, vi i) {  // table[i] per lane
+#if defined(__GNUC__) && !defined(__clang__)
+  return __builtin_shuffle(table, i);
+#else
+  vf out = {};
+  for (int k = 0; k < W; k++) out = i == k ? splat(table[k]) : out;
+  return out;
+#endif
+}
 
 template <int D, bool S> struct Dynamic {  // the dynamic map with D decades, signed or not
   static constexpr double n0 = S ? 1. : 2.;
   static inline vf code(vf y) {
-    vf a = vabs(y), slope = splat(float(pow(10., D - 1) * n0 / 0.9)), offset = splat(float(0.1 * n0 / 0.9)), n = splat(n0);
+    vf a = vabs(y), slopes = {}, offsets = {}, ns = {};
+    vi d = {};
     #pragma GCC unroll 8
-    for (int d = 1; d < D; d++) {  // unrolled: every constant folds
-      double nd = n0 * (1 << d);
-      vi up = a >= splat(float(pow(10., d - D)));
-      slope = up ? splat(float(pow(10., D - 1 - d) * nd / 0.9)) : slope;
-      offset = up ? splat(float(0.1 * nd / 0.9)) : offset;
-      n = up ? splat(float(nd)) : n;
+    for (int k = 0; k < D; k++) {  // unrolled: every constant folds
+      double nk = n0 * (1 << k);
+      slopes[k] = float(pow(10., D - 1 - k) * nk / 0.9); offsets[k] = float(0.1 * nk / 0.9); ns[k] = float(nk);
+      if (k) d = a >= splat(float(pow(10., k - D))) ? d + 1 : d;  // the decade, counted
     }
+    vf slope = pick(slopes, d), offset = pick(offsets, d), n = pick(ns, d);
     const float top = n0 * ((1 << D) - 1), zero = n0 * (1 << D) - 1;
     vf t = a * slope - offset;
-    vf r = (n - float(n0)) + vmin(vmax(vfloor(t), splat(0.f)), n - 1.f);
+    vf r = (n - float(n0)) + vmin(vmax(vtrunc(t), splat(0.f)), n - 1.f);  // max(trunc, 0) == max(floor, 0)
     r = t < (n == float(n0) ? splat(float((4.5 - n0) / 18)) : splat(0.2f)) ? r - 1.f : r;
     r = a >= splat(float(1 - 0.225 / (n0 * (1 << (D - 1))))) ? splat(top) : r;
     if (!S) return r + 1.f;
@@ -187,12 +203,16 @@ template <int D, bool S> struct Dynamic {  // the dynamic map with D decades, si
 struct Linear4 { static inline vf code(vf y) { return vmin(vmax(vfloor(y * 16.f + 0.5f), splat(1.f)), splat(16.f)) - 1.f; } };
 
 static inline vf load(const float* p) { vf x; __builtin_memcpy(&x, p, sizeof x); return x; }
-static inline float absmax(const float* v, int n) {  // NaN propagates, as torch's amax
-  vf m = splat(0.f);
-  for (int i = 0; i < n; i += W) { vf a = vabs(load(v + i)); m = (a > m) | (a != a) ? a : m; }
-  float out = 0.f;
-  for (int l = 0; l < W; l++) out = (m[l] > out || m[l] != m[l]) ? m[l] : out;
-  return out;
+static inline float absmax(const float* v, int n) {  // |x|'s bits order as int32 like |x|, NaN above inf: NaN propagates
+  vi m0 = {}, m1 = {};
+  for (int i = 0; i < n; i += 2 * W) {
+    vi a = (vi)load(v + i) & 0x7fffffff, b = (vi)load(v + i + W) & 0x7fffffff;
+    m0 = a > m0 ? a : m0; m1 = b > m1 ? b : m1;
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  int32_t top = 0;
+  for (int l = 0; l < W; l++) top = m0[l] > top ? m0[l] : top;
+  float out; __builtin_memcpy(&out, &top, sizeof out); return out;
 }
 static inline vf inverse(float m) { return splat(1.f / (m >= FLT_MIN ? m : 1.f)); }  // as SMALLEST_SCALE
 static inline vi codes_of(vf code) { return __builtin_convertvector(code, vi); }
@@ -226,75 +246,120 @@ void encode8_signed(const float* x, uint8_t* c, float* s, int64_t rows) { encode
 void encode8_unsigned(const float* x, uint8_t* c, float* s, int64_t rows) { encode8<Dynamic<7, false>>(x, c, s, rows); }
 void encode4_signed(const float* x, uint8_t* c, float* s, int64_t rows) { encode4<Dynamic<3, true>>(x, c, s, rows); }
 void encode4_unsigned(const float* x, uint8_t* c, float* s, int64_t rows) { encode4<Linear4>(x, c, s, rows); }
+void decode8(const uint8_t* codes, const float* scales, const float* values, float* out, int64_t rows) {
+  #pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; r++) {  // `values`: each code's value, gathered 16 at a time where AVX-512 has it
+    const float s = scales[r];
+    const uint8_t* c = codes + r * 256;
+    float* o = out + r * 256;
+#ifdef __AVX512F__
+    for (int i = 0; i < 256; i += W) {
+      __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(c + i)));
+      _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_i32gather_ps(idx, values, 4), _mm512_set1_ps(s)));
+    }
+#else
+    for (int i = 0; i < 256; i++) o[i] = values[c[i]] * s;
+#endif
+  }
+}
+void decode4(const uint8_t* codes, const float* scales, const float* values, float* out, int64_t rows) {
+  vf table; __builtin_memcpy(&table, values, sizeof table);
+  #pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; r++) {  // byte j: element j (low nibble) and element 128 + j of the row
+    const vf s0 = splat(scales[2 * r]), s1 = splat(scales[2 * r + 1]);
+    for (int j = 0; j < 128; j += W) {
+      vb b; __builtin_memcpy(&b, codes + r * 128 + j, sizeof b);
+      vi i = __builtin_convertvector(b, vi);
+      vf lo = pick(table, i & 15) * s0, hi = pick(table, i >> 4) * s1;
+      __builtin_memcpy(out + r * 256 + j, &lo, sizeof lo); __builtin_memcpy(out + r * 256 + 128 + j, &hi, sizeof hi);
+    }
+  }
+}
 }
 '''
-CPU_ENCODER_FLAGS = ['-O3', '-march=native', '-ffp-contract=off', '-fopenmp', '-shared', '-fPIC', '-std=c++17']
+CPU_CODEC_FLAGS = ['-O3', '-march=native', '-ffp-contract=off', '-fopenmp', '-shared', '-fPIC', '-std=c++17']
 
-_CPU_ENCODER = {}
-def cpu_encoder():
-    "The C++ encoder (a `ctypes.CDLL`), built once per machine with the compiler `torch.compile` uses; `None` where it can't be"
-    if 'lib' not in _CPU_ENCODER: _CPU_ENCODER['lib'], _CPU_ENCODER['why'] = _build_cpu_encoder()
-    return _CPU_ENCODER['lib']
+_CPU_CODEC = {}
+def cpu_codec():
+    """The C++ encoder and decoder (a `ctypes.CDLL`), built once per machine with the compiler `torch.compile` uses;
+    `None` where it can't be"""
+    if 'lib' not in _CPU_CODEC: _CPU_CODEC['lib'], _CPU_CODEC['why'] = _build_cpu_codec()
+    return _CPU_CODEC['lib']
 
-def cpu_encoder_unavailable() -> str|None:
-    "Why the C++ encoder did not build (the compiled `encode_rows` serves instead), or `None` when it did"
-    cpu_encoder()
-    return _CPU_ENCODER.get('why')
+def cpu_codec_unavailable() -> str|None:
+    "Why the C++ codec did not build (the compiled `encode_rows` and `decode_rows` serve instead), or `None` when it did"
+    cpu_codec()
+    return _CPU_CODEC.get('why')
 
-def _build_cpu_encoder() -> tuple:
-    import ctypes, hashlib, os, platform, subprocess, tempfile
-    from pathlib import Path
-    if os.environ.get('FXO_CPU_ENCODER', '1') == '0': return None, 'FXO_CPU_ENCODER=0'
+def _build_cpu_codec() -> tuple:
+    if os.environ.get('FXO_CPU_CODEC', '1') == '0': return None, 'FXO_CPU_CODEC=0'
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
         cxx = get_cpp_compiler()
-        key = hashlib.sha256('\0'.join([CPU_ENCODER_SOURCE, *CPU_ENCODER_FLAGS, cxx, platform.machine(), _cpu_features()])
+        key = hashlib.sha256('\0'.join([CPU_CODEC_SOURCE, *CPU_CODEC_FLAGS, cxx, platform.machine(), _cpu_features()])
                              .encode()).hexdigest()[:20]
         folder = _cache_folder()
-        lib = folder / f'cpu_encoder_{key}.so'
+        lib = folder / f'cpu_codec_{key}.so'
         if not lib.exists():
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                src, out = Path(tmp) / 'encoder.cpp', Path(tmp) / lib.name
-                src.write_text(CPU_ENCODER_SOURCE)
-                subprocess.run([cxx, *CPU_ENCODER_FLAGS, str(src), '-o', str(out)], check=True, capture_output=True)
+                src, out = Path(tmp) / 'codec.cpp', Path(tmp) / lib.name
+                src.write_text(CPU_CODEC_SOURCE)
+                subprocess.run([cxx, *CPU_CODEC_FLAGS, str(src), '-o', str(out)], check=True, capture_output=True)
                 os.replace(out, lib)
         dll = ctypes.CDLL(str(lib))
         for f in ('encode8_signed', 'encode8_unsigned', 'encode4_signed', 'encode4_unsigned'):
-            getattr(dll, f).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            getattr(dll, f).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+        for f in ('decode8', 'decode4'): getattr(dll, f).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64]
         return dll, None
     except subprocess.CalledProcessError as e: return None, f'the C++ compiler failed: {e.stderr.decode()[-500:]}'
     except Exception as e: return None, f'{type(e).__name__}: {e}'  # no compiler, a read-only home...
 
 def _cpu_features() -> str:
     "What `-march=native` depends on: the processor's model and feature lines (x86's `flags`, Arm's `Features`...)"
-    import platform
-    from pathlib import Path
     info = Path('/proc/cpuinfo')
     if not info.exists(): return platform.processor()
     keep = ('flags', 'features', 'model name', 'cpu part', 'cpu implementer', 'isa')
     return '\n'.join(sorted({l for l in info.read_text().splitlines() if l.lower().startswith(keep)}))
 
-def _cache_folder():
-    "A writable folder for the built encoder: `$XDG_CACHE_HOME` or `~/.cache`, else the temporary folder"
-    import os, tempfile
-    from pathlib import Path
+def _cache_folder() -> Path:
+    "A writable folder for the built codec: `$XDG_CACHE_HOME` or `~/.cache`, else the temporary folder"
     for base in (os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache', tempfile.gettempdir()):
         folder = Path(base) / 'fastxtend_optim'
         try: folder.mkdir(parents=True, exist_ok=True)
         except OSError: continue
         if os.access(folder, os.W_OK): return folder
-    raise OSError('no writable folder for the C++ encoder')
+    raise OSError('no writable folder for the C++ codec')
+
+def _codec_for(rows:Tensor, codes:Tensor, absmax:Tensor, bits:int):
+    "The C++ codec, if it can work on fp32 `rows` `(n, 256)`, their uint8 `codes` and fp32 `absmax` (CPU, contiguous)"
+    n = rows.shape[0] if rows.dim() == 2 else -1
+    fits = all(t.device.type == 'cpu' and t.is_contiguous() for t in (rows, codes, absmax)) and \
+           (rows.dtype, codes.dtype, absmax.dtype) == (torch.float32, torch.uint8, torch.float32) and \
+           rows.shape == (n, 256) and codes.shape == (n, bits * 32) and absmax.numel() == n * 256 // StateFormat(bits).block
+    return cpu_codec() if fits else None
 
 def encode_rows_into(x:Tensor, codes:Tensor, absmax:Tensor, bits:int, signed:bool) -> bool:
-    """`encode_rows(x, bits, signed)` written into `codes` and `absmax` by the C++ encoder, on the CPU; `False` (nothing
-    written) where it cannot run: another device, a tensor not contiguous or of another dtype, no encoder built"""
-    rows = x.shape[0] if x.dim() == 2 else -1
-    fits = all(t.device.type == 'cpu' and t.is_contiguous() for t in (x, codes, absmax)) and \
-           (x.dtype, codes.dtype, absmax.dtype) == (torch.float32, torch.uint8, torch.float32) and \
-           x.shape == (rows, 256) and codes.shape == (rows, bits * 32) and absmax.numel() == rows * 256 // StateFormat(bits).block
-    lib = cpu_encoder() if fits else None
+    """`encode_rows(x, bits, signed)` written into `codes` and `absmax` by the C++ codec, on the CPU; `False` (nothing
+    written) where it cannot run: another device, a tensor not contiguous or of another dtype, no codec built"""
+    lib = _codec_for(x, codes, absmax, bits)
     if lib is None: return False
     getattr(lib, f"encode{bits}_{'signed' if signed else 'unsigned'}")(x.data_ptr(), codes.data_ptr(), absmax.data_ptr(), x.shape[0])
+    return True
+
+_CODE_VALUES = {}
+def _code_values(bits:int, signed:bool) -> Tensor:
+    "Each code's value as `decode_rows` computes it (not the map's exact values): the C++ decoder's table"
+    if (bits, signed) not in _CODE_VALUES:
+        codes = torch.arange(256).remainder(2 ** bits).to(torch.uint8)[None, :bits * 32]  # each code once, in a row
+        _CODE_VALUES[bits, signed] = decode_rows(codes, torch.ones(1, 256 // StateFormat(bits).block), bits, signed)[0, :2 ** bits]
+    return _CODE_VALUES[bits, signed]
+
+def decode_rows_into(codes:Tensor, absmax:Tensor, out:Tensor, bits:int, signed:bool) -> bool:
+    """`decode_rows(codes, absmax, bits, signed)` written into `out` by the C++ codec, on the CPU; `False` (nothing
+    written) where it cannot run"""
+    lib = _codec_for(out, codes, absmax, bits)
+    if lib is None: return False
+    getattr(lib, f'decode{bits}')(codes.data_ptr(), absmax.data_ptr(), _code_values(bits, signed).data_ptr(), out.data_ptr(), out.shape[0])
     return True
 
 # %% ../nbs/04_lowbit.ipynb #4cadc885

@@ -304,35 +304,57 @@ def test_layout_padding_stays_zero_at_4_bits():
 
 
 @pytest.mark.parametrize('bits', (8, 4))
-def test_cpu_encoder_steps_bitwise_as_the_compiled_encoder(bits, monkeypatch):
-    "The C++ encoder (the CPU's default) and the compiled `encode_rows` give the same weights and codes over 5 steps"
+def test_cpu_codec_steps_bitwise_as_the_compiled_codec(bits, monkeypatch):
+    """The C++ codec (the CPU's default: state decoded into scratch, then encoded) and the compiled one (decoding
+    inside the kernel, then `encode_rows`) give the same weights and codes over 5 steps"""
     import fastxtend_optim.lowbit as L
-    if L.cpu_encoder() is None: pytest.skip('no C++ encoder on this machine')
+    if L.cpu_codec() is None: pytest.skip('no C++ codec on this machine')
     import fastxtend_optim.fused as F
-    calls = []
-    def counted(*args): calls.append(L.encode_rows_into(*args)); return calls[-1]
-    monkeypatch.setattr(F, 'encode_rows_into', counted)
+    calls = {'encode': [], 'decode': []}
+    def counted(name, f):
+        def call(*args): calls[name].append(f(*args)); return calls[name][-1]
+        return call
+    monkeypatch.setattr(F, 'encode_rows_into', counted('encode', L.encode_rows_into))
+    monkeypatch.setattr(F, 'decode_rows_into', counted('decode', L.decode_rows_into))
     w, v = _weights(), _weights()
     opt_c = Adam(w, lr=1e-2, fused=True, state_bits=bits)
     with_cpp = _steps(opt_c, w, 5)
-    assert calls and all(calls)  # every chunk's state went through the C++ encoder
-    monkeypatch.setitem(L._CPU_ENCODER, 'lib', None)
+    assert all(calls.values()) and all(map(all, calls.values()))  # every chunk's state went through the C++ codec
+    monkeypatch.setitem(L._CPU_CODEC, 'lib', None)
     opt_t = Adam(v, lr=1e-2, fused=True, state_bits=bits)
     assert_close_lists(_steps(opt_t, v, 5), with_cpp, atol=0.)
     for k in ('grad_avg', 'sqr_avg', absmax_key('grad_avg'), absmax_key('sqr_avg')):
         assert torch.equal(opt_t.state[v[0]][k], opt_c.state[w[0]][k]), k
 
 
-def test_cpu_encoder_that_fails_to_build_says_why_and_the_compiled_encoder_serves(monkeypatch):
-    "A C++ build that fails leaves the encoder unbuilt, with the compiler's message, and the step as before"
+@pytest.mark.parametrize('bits,signed', [(8, True), (8, False), (4, True), (4, False)])
+def test_cpu_decoder_gives_the_compiled_decode_rows_values_for_every_code(bits, signed):
+    "Every code under scales from tiny to huge: the C++ decoder's fp32 values are the compiled `decode_rows`' own"
     import fastxtend_optim.lowbit as L
-    monkeypatch.setattr(L, '_CPU_ENCODER', {})
-    monkeypatch.setattr(L, 'CPU_ENCODER_FLAGS', [*L.CPU_ENCODER_FLAGS, '-fno-such-flag-fxo'])
-    assert L.cpu_encoder() is None and 'compiler failed' in L.cpu_encoder_unavailable()
+    if L.cpu_codec() is None: pytest.skip(L.cpu_codec_unavailable())
+    rows = 64
+    codes = torch.randint(0, 256, (rows, bits * 32), dtype=torch.uint8)
+    codes[0] = torch.arange(bits * 32).remainder(256).to(torch.uint8)  # every byte value
+    scales = 10. ** torch.linspace(-30, 30, rows * 256 // StateFormat(bits).block).view(rows, -1)
+    scales[0] = torch.tensor([1., 0.])[:scales.shape[1]] if bits == 4 else 1.
+    out = torch.full((rows, 256), float('nan'))
+    assert L.decode_rows_into(codes, scales, out, bits, signed)
+    compiled = torch.compile(L.decode_rows, dynamic=True)(codes, scales, bits, signed, False)
+    assert torch.equal(out, compiled)
+    assert torch.equal(out[0, :2 ** bits], L.decode_rows(codes[:1], scales[:1], bits, signed)[0, :2 ** bits])
+    assert not out.isnan().any()
+
+
+def test_cpu_codec_that_fails_to_build_says_why_and_the_compiled_codec_serves(monkeypatch):
+    "A C++ build that fails leaves the codec unbuilt, with the compiler's message, and the step as before"
+    import fastxtend_optim.lowbit as L
+    monkeypatch.setattr(L, '_CPU_CODEC', {})
+    monkeypatch.setattr(L, 'CPU_CODEC_FLAGS', [*L.CPU_CODEC_FLAGS, '-fno-such-flag-fxo'])
+    assert L.cpu_codec() is None and 'compiler failed' in L.cpu_codec_unavailable()
     w, v = _weights(), _weights()
     fallback = _steps(Adam(w, lr=1e-2, fused=True, state_bits=8), w, 3)
-    monkeypatch.setattr(L, '_CPU_ENCODER', {})
-    monkeypatch.setattr(L, 'CPU_ENCODER_FLAGS', [f for f in L.CPU_ENCODER_FLAGS if f != '-fno-such-flag-fxo'])
+    monkeypatch.setattr(L, '_CPU_CODEC', {})
+    monkeypatch.setattr(L, 'CPU_CODEC_FLAGS', [f for f in L.CPU_CODEC_FLAGS if f != '-fno-such-flag-fxo'])
     assert_close_lists(_steps(Adam(v, lr=1e-2, fused=True, state_bits=8), v, 3), fallback, atol=0.)
 
 
@@ -356,13 +378,13 @@ def _boundary_rows(bits:int, signed:bool) -> torch.Tensor:
     return torch.cat([blocks, blocks.new_zeros(len(blocks) % (256 // block), block)]).reshape(-1, 256)
 
 @pytest.mark.parametrize('bits,signed', [(8, True), (8, False), (4, True), (4, False)])
-def test_cpu_encoder_gives_encode_rows_codes_at_every_code_boundary(bits, signed):
+def test_cpu_codec_gives_encode_rows_codes_at_every_code_boundary(bits, signed):
     "Values within a few ulps of every code boundary: the C++ encoder's codes are `encode_rows`' own, one by one"
     import fastxtend_optim.lowbit as L
     import platform, sys
     if sys.platform == 'linux' and platform.machine() == 'x86_64':  # CI's machines: it must build there
-        assert L.cpu_encoder() is not None, L.cpu_encoder_unavailable()
-    if L.cpu_encoder() is None: pytest.skip(L.cpu_encoder_unavailable())
+        assert L.cpu_codec() is not None, L.cpu_codec_unavailable()
+    if L.cpu_codec() is None: pytest.skip(L.cpu_codec_unavailable())
     x = _boundary_rows(bits, signed)
     codes, scales = torch.empty(len(x), bits * 32, dtype=torch.uint8), torch.empty(len(x), 256 // StateFormat(bits).block)
     assert L.encode_rows_into(x, codes, scales, bits, signed)
