@@ -47,7 +47,7 @@ BENCH_SETTINGS = {  # per registry optimizer: the digits Learner's peak lr, byte
     'ademamix': dict(lr=3e-3, bytes=36),
     'ranger': dict(lr=3e-2, bytes=28),  # + 16/k for the slow weights, every k steps
     'adan': dict(lr=1e-2, bytes=44),
-    'stableadamw': dict(lr=3e-3, bytes=28),
+    'stableadamw': dict(lr=3e-3, bytes=36),  # + the RMS pre-pass's reads of the gradient and sqr_avg
     'adopt': dict(lr=3e-3, bytes=28),
     'sophia': dict(lr=3e-3, bytes=24, cbs=lambda: [SophiaCallback(k=10)]),
     'muon': dict(lr=2e-2, bytes=20, group_kw=dict(muon=[None, False])),  # the digits head (group 1) takes AdamW; bytes: the
