@@ -358,6 +358,27 @@ def test_cpu_codec_that_fails_to_build_says_why_and_the_compiled_codec_serves(mo
     assert_close_lists(_steps(Adam(v, lr=1e-2, fused=True, state_bits=8), v, 3), fallback, atol=0.)
 
 
+def test_cpu_codec_without_avx512_gives_the_same_codes_and_values(monkeypatch):
+    "The codec built without AVX-512 (the scalar decoder, narrower vectors) gives `encode_rows`' codes and `decode_rows`' values"
+    import fastxtend_optim.lowbit as L
+    import platform, sys
+    if not (sys.platform == 'linux' and platform.machine() == 'x86_64'): pytest.skip('an x86 flag')
+    monkeypatch.setattr(L, '_CPU_CODEC', {})
+    monkeypatch.setattr(L, 'CPU_CODEC_FLAGS', [*L.CPU_CODEC_FLAGS, '-mno-avx512f'])
+    if L.cpu_codec() is None: pytest.skip(L.cpu_codec_unavailable())
+    torch.manual_seed(0)
+    rows = torch.randn(64, 256) * 10 ** (-6 * torch.rand(64, 1)) * 10 ** (-3 * torch.rand(64, 256))
+    for bits in (8, 4):
+        for signed, x in ((True, rows), (False, rows.abs())):
+            codes, scales = torch.empty(64, bits * 32, dtype=torch.uint8), torch.empty(64, 256 // StateFormat(bits).block)
+            assert L.encode_rows_into(x, codes, scales, bits, signed)
+            theirs = L.encode_rows(x, bits, signed)
+            assert torch.equal(codes, theirs[0]) and torch.equal(scales, theirs[1]), (bits, signed)
+            out = torch.full((64, 256), float('nan'))
+            assert L.decode_rows_into(codes, scales, out, bits, signed)
+            assert torch.equal(out, L.decode_rows(codes, scales, bits, signed)), (bits, signed)
+
+
 def _boundary_rows(bits:int, signed:bool) -> torch.Tensor:
     """Rows whose values sit within 3 ulps of every place a code changes (the midpoints of the map, each decade's
     start, the threshold of the top code), with a 1 in each block so that the scale is exactly 1"""
